@@ -1,0 +1,1 @@
+"""xpu_llm.parallel: see DESIGN.md; filled in by its own issue."""
