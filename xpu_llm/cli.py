@@ -1,0 +1,197 @@
+"""`xpu-llm` command line: generate, chat, convert, ppl, bench. Every command runs on the embedded SmolLM2
+when no model is given. Errors print one line (what is wrong, what to do) and exit 2."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+
+from .errors import XpuLLMError
+
+
+def _model_args(p: argparse.ArgumentParser, positional: bool) -> None:
+    if positional:
+        p.add_argument("model", nargs="?", default=None,
+                       help="HF folder, .gguf file or xpu-llm folder (default: the embedded SmolLM2)")
+    else:
+        p.add_argument("--model", "-m", default=None, help="HF folder, .gguf file or xpu-llm folder "
+                                                           "(default: the embedded SmolLM2)")
+    p.add_argument("--low-bit", default="auto",
+                   help="format: auto (GGUF: the file's own; HF: sym_int4), none (dense), or a registry name")
+    p.add_argument("--group-size", type=int, default=64, help="quantization group size: 32, 64 or 128")
+    p.add_argument("--device", default=None, help="xpu, cuda, cpu (default: the first available)")
+    p.add_argument("--dtype", default="auto", help="compute dtype: auto, float32, bfloat16, float16")
+    p.add_argument("--max-seq-len", type=int, default=None, help="KV cache length (default: min(context, 2048))")
+
+
+def _sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", "-n", type=int, default=128)
+    p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="xpu-llm", description="Low-bit LLM inference on Intel XPU, NVIDIA and CPU")
+    ap.add_argument("-v", "--verbose", action="count", default=0, help="-v info, -vv debug logging")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="complete one prompt, streaming the text")
+    g.add_argument("prompt", help="the prompt text")
+    g.add_argument("--raw", action="store_true", help="do not apply the chat template (default: apply if any)")
+    _model_args(g, positional=False)
+    _sampling_args(g)
+
+    c = sub.add_parser("chat", help="interactive chat with history (/reset clears it, /exit or Ctrl-D ends)")
+    c.add_argument("--system", default=None, help="system prompt")
+    _model_args(c, positional=False)
+    _sampling_args(c)
+
+    cv = sub.add_parser("convert", help="quantize a model and write an xpu-llm low-bit folder (atomically)")
+    _model_args(cv, positional=True)
+    cv.add_argument("-o", "--output", required=True, help="output folder")
+
+    pp = sub.add_parser("ppl", help="perplexity over sliding windows of a text file")
+    _model_args(pp, positional=True)
+    pp.add_argument("--text", required=True, help="UTF-8 text file (e.g. wikitext-2-raw test)")
+    pp.add_argument("--window", type=int, default=512)
+    pp.add_argument("--stride", type=int, default=None, help="default: window (disjoint windows)")
+    pp.add_argument("--max-windows", type=int, default=40)
+    pp.add_argument("--json", action="store_true", help="print one JSON line")
+    pp.set_defaults(dtype="float32")
+
+    b = sub.add_parser("bench", help="decode tokens/s and memory per format")
+    b.add_argument("model", nargs="?", default=None)
+    b.add_argument("--formats", default="auto,sym_int4,asym_int4,sym_int8,none",
+                   help="comma-separated formats (auto = the source's own, none = dense)")
+    b.add_argument("--group-size", type=int, default=64)
+    b.add_argument("--device", default=None)
+    b.add_argument("--dtype", default="auto")
+    b.add_argument("--prompt-len", type=int, default=32)
+    b.add_argument("--new-tokens", type=int, default=64)
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--json", action="store_true")
+    return ap
+
+
+def _low_bit(v: str | None) -> str | None:
+    return None if v is None or v.lower() in ("none", "dense") else v
+
+
+def _load(args, progress: bool = True):
+    from .llm import LLM
+    return LLM(args.model, low_bit=_low_bit(args.low_bit), group_size=args.group_size, device=args.device,
+               max_seq_len=args.max_seq_len, dtype=args.dtype, progress=progress)
+
+
+def _sampling(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                top_p=args.top_p, seed=args.seed, stop=args.stop)
+
+
+def cmd_generate(args) -> int:
+    llm = _load(args)
+    chat = not args.raw and bool(getattr(llm.tokenizer, "chat_template", None))
+    for piece in llm.stream(args.prompt, chat=chat, **_sampling(args)):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_chat(args) -> int:
+    llm = _load(args)
+    history: list[dict[str, str]] = [{"role": "system", "content": args.system}] if args.system else []
+    print(f"xpu-llm chat with {llm} — /reset clears the history, /exit or Ctrl-D ends", file=sys.stderr)
+    while True:
+        try:
+            line = input(">>> ").strip()
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if line in ("/exit", "/quit"):
+            return 0
+        if line == "/reset":
+            history = history[:1] if args.system else []
+            continue
+        if not line:
+            continue
+        history.append({"role": "user", "content": line})
+        reply = []
+        for piece in llm.stream(history, **_sampling(args)):
+            reply.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        history.append({"role": "assistant", "content": "".join(reply)})
+
+
+def cmd_convert(args) -> int:
+    from .device import peak_rss
+    t0 = time.perf_counter()
+    llm = _load(args)
+    out = llm.save_low_bit(args.output)
+    size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
+    print(f"wrote {out} ({llm.low_bit or 'dense'}, {size / 2**20:.1f} MiB) in {time.perf_counter() - t0:.1f} s; "
+          f"peak resident memory {peak_rss() / 2**20:.0f} MiB")
+    return 0
+
+
+def cmd_ppl(args) -> int:
+    from .perplexity import perplexity
+    if not os.path.isfile(args.text):
+        raise XpuLLMError(f"text file {args.text!r} does not exist")
+    with open(args.text, encoding="utf-8", newline="") as f:
+        text = f.read()
+    llm = _load(args)
+    res = perplexity(llm, text, window=args.window, stride=args.stride, max_windows=args.max_windows)
+    res.update(low_bit=llm.low_bit or "dense", group_size=llm.group_size, dtype=str(llm.dtype).split(".")[-1])
+    if args.json:
+        print(json.dumps(res))
+    else:
+        print(f"perplexity {res['perplexity']:.4f} ({res['low_bit']}, group {res['group_size']}, "
+              f"{res['windows']} windows of {res['window']} tokens, {res['seconds']} s)")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from .bench import run_bench
+    rows = run_bench(args.model, [f.strip() for f in args.formats.split(",") if f.strip()], args.group_size,
+                     args.device, args.dtype, args.prompt_len, args.new_tokens, args.batch)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    else:
+        from .bench import format_table
+        print(format_table(rows))
+    return 0
+
+
+COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "convert": cmd_convert, "ppl": cmd_ppl,
+            "bench": cmd_bench}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING - 10 * args.verbose
+    logging.basicConfig(level=max(level, logging.DEBUG), format="%(levelname)s %(name)s: %(message)s")
+    if args.verbose == 0:
+        import warnings
+        warnings.filterwarnings("ignore")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    try:
+        return COMMANDS[args.command](args)
+    except XpuLLMError as e:
+        print(f"xpu-llm: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

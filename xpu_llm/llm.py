@@ -1,0 +1,258 @@
+"""`LLM`: the user-facing engine. Loads a model (HF folder, GGUF or low-bit folder; None = embedded SmolLM2),
+quantizes it while streaming, and generates text, ids, logits or a stream of text."""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .device import get_device, is_cpu
+from .errors import GenerationInputError, XpuLLMError
+from .generate import GenerationStats, SamplingParams, generate_tokens
+from .loading import check_format, load_model, resolve_source
+
+log = logging.getLogger(__name__)
+
+Prompt = str | list[dict[str, str]]  # plain text, or chat messages rendered with the chat template
+DEFAULT_MAX_SEQ_LEN = 2048
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+           "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    stats: dict[str, Any] = field(default_factory=dict)
+    finish_reason: str = "length"  # "stop" when a stop token or stop string ended it
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, low_bit: str | None) -> torch.dtype:
+    """'auto': bfloat16 on GPUs; on the CPU bfloat16 for low-bit formats (the packed kernels want it) and
+    float32 for dense weights."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        if is_cpu(device):
+            return torch.float32 if low_bit is None else torch.bfloat16
+        return torch.bfloat16
+    if dtype not in _DTYPES:
+        raise XpuLLMError(f"dtype {dtype!r} is not supported; choose auto, {', '.join(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+class LLM:
+    """Load once, generate many times. See README for the full API."""
+
+    def __init__(self, model: str | os.PathLike | None = None, low_bit: str | None = "auto", group_size: int = 64,
+                 device: str | torch.device | None = None, max_seq_len: int | None = None,
+                 dtype: str | torch.dtype | None = "auto", progress: bool | None = None) -> None:
+        source = resolve_source(model)
+        if low_bit not in ("auto", None):
+            check_format(low_bit, group_size)
+        self.device = get_device(device)
+        guess = None if low_bit is None else (low_bit if low_bit != "auto" else "sym_int4")
+        self.dtype = resolve_dtype(dtype, self.device, guess)
+        progress = progress if progress is not None else log.getEffectiveLevel() <= logging.INFO
+        self.model, info = load_model(source, low_bit, group_size, self.dtype, self.device, progress=progress)
+        self.model.eval()
+        self.config = info["config"]
+        self.low_bit: str | None = info.get("low_bit")
+        self.group_size = info.get("group_size")
+        self.source = source
+        limit = self.config.max_position_embeddings
+        self.max_seq_len = max_seq_len or min(limit, DEFAULT_MAX_SEQ_LEN)
+        if self.max_seq_len > limit:
+            log.warning("max_seq_len %d is beyond the model's trained context %d", self.max_seq_len, limit)
+        self._tokenizer = None
+
+    # ------------------------------------------------------------------------------------------ basics
+    @property
+    def tokenizer(self):
+        """The Hugging Face tokenizer of the model (loaded on first use; GGUF vocabularies are converted once
+        and cached)."""
+        if self._tokenizer is None:
+            from .tokenizer import load_tokenizer
+            self._tokenizer = load_tokenizer(self.source.path)
+        return self._tokenizer
+
+    def _ensure_cache(self, batch: int) -> None:
+        if self.model.max_batch_size < batch or self.model.max_seq_len != self.max_seq_len:
+            self.model.setup_caches(max(batch, self.model.max_batch_size, 1), self.max_seq_len,
+                                    dtype=self.dtype, device=self.device)
+
+    def _pad_id(self) -> int:
+        tok = self._tokenizer
+        for cand in (getattr(tok, "pad_token_id", None), self.config.pad_token_id,
+                     getattr(tok, "eos_token_id", None)):
+            if cand is not None:
+                return int(cand)
+        return 0
+
+    def _stop_ids(self, extra: list[int] | None) -> tuple[int, ...]:
+        ids = set(self.config.eos_token_id)
+        tok = self._tokenizer
+        if tok is not None and tok.eos_token_id is not None:
+            ids.add(int(tok.eos_token_id))
+        return tuple(sorted(ids | set(extra or [])))
+
+    def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:
+        """Token ids of a prompt; chat messages (or chat=True on a string) go through the chat template."""
+        tok = self.tokenizer
+        if isinstance(prompt, list) or chat:
+            messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+            if not getattr(tok, "chat_template", None):
+                raise GenerationInputError("this model's tokenizer has no chat template; pass plain text prompts")
+            ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+                ids = ids["input_ids"]
+            return list(ids)
+        if not isinstance(prompt, str):
+            raise GenerationInputError(f"a prompt must be a string or a list of chat messages, got {type(prompt)}")
+        return tok(prompt)["input_ids"]
+
+    # ------------------------------------------------------------------------------------------ generation
+    def _run(self, prompts: list[list[int]], params: SamplingParams, stop: list[str] | None = None,
+             on_text=None) -> tuple[list[list[int]], GenerationStats]:
+        params.check()
+        for p in prompts:
+            if len(p) + params.max_new_tokens > self.max_seq_len:
+                raise GenerationInputError(
+                    f"prompt of {len(p)} tokens + max_new_tokens {params.max_new_tokens} exceeds max_seq_len "
+                    f"{self.max_seq_len}; shorten the prompt, lower max_new_tokens or pass a larger max_seq_len")
+        self._ensure_cache(len(prompts))
+        on_step = None
+        if stop or on_text is not None:
+            tok = self.tokenizer
+
+            def on_step(row: int, ids: list[int]) -> bool:
+                text = tok.decode(ids, skip_special_tokens=True)
+                if on_text is not None:
+                    on_text(row, text)
+                return bool(stop) and any(s in text for s in stop)
+
+        return generate_tokens(self.model, prompts, params, self._pad_id(), on_step)
+
+    def _decode(self, ids: list[list[int]], stop: list[str] | None) -> list[str]:
+        return [self._trim(self.tokenizer.decode(i, skip_special_tokens=True), stop) for i in ids]
+
+    @staticmethod
+    def _trim(text: str, stop: list[str] | None) -> str:
+        for s in stop or []:
+            cut = text.find(s)
+            if cut >= 0:
+                text = text[:cut]
+        return text
+
+    def _params(self, max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None,
+                seed: int | None, stop_token_ids: list[int] | None, ignore_eos: bool = False) -> SamplingParams:
+        stops = tuple(stop_token_ids or ()) if ignore_eos else self._stop_ids(stop_token_ids)
+        return SamplingParams(max_new_tokens, temperature, top_k, top_p, seed, stops)
+
+    def generate(self, prompts: Prompt | list[Prompt], max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 stop: list[str] | str | None = None, stop_token_ids: list[int] | None = None,
+                 chat: bool = False, ignore_eos: bool = False) -> list[GenerationResult]:
+        """Generate for one prompt or a batch; one result per prompt (.text, .token_ids, .stats)."""
+        single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict))
+        batch = [prompts] if single else list(prompts)
+        if not batch:
+            raise GenerationInputError("no prompts given")
+        stop = [stop] if isinstance(stop, str) else stop
+        prompt_ids = [self.encode(p, chat) for p in batch]
+        params = self._params(max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids, ignore_eos)
+        ids, stats = self._run(prompt_ids, params, stop)
+        texts = self._decode(ids, stop)
+        results = []
+        for i, t in zip(ids, texts):
+            hit = bool(i) and (i[-1] in params.stop_token_ids or any(s in t for s in stop or []) or
+                               len(i) < max_new_tokens)
+            results.append(GenerationResult(t, i, stats.as_dict(), "stop" if hit else "length"))
+        return results
+
+    def stream(self, prompt: Prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
+               top_p: float | None = None, seed: int | None = None, stop: list[str] | str | None = None,
+               chat: bool = False) -> Iterator[str]:
+        """Yield text pieces as they decode (a piece is held back while it ends in an incomplete character)."""
+        import queue
+        import threading
+
+        stop = [stop] if isinstance(stop, str) else stop
+        prompt_ids = [self.encode(prompt, chat)]
+        params = self._params(max_new_tokens, temperature, top_k, top_p, seed, None)
+        q: queue.Queue = queue.Queue()
+        sent = [0]
+
+        def on_text(_row: int, text: str) -> None:
+            text = self._trim(text, stop)
+            if text.endswith("\ufffd"):
+                return
+            if len(text) > sent[0]:
+                q.put(text[sent[0]:])
+                sent[0] = len(text)
+
+        def work() -> None:
+            try:
+                ids, _ = self._run(prompt_ids, params, stop, on_text)
+                texts = self._decode(ids, stop)
+                if len(texts[0]) > sent[0]:
+                    q.put(texts[0][sent[0]:])
+            except BaseException as e:  # surface errors in the consumer's thread
+                q.put(e)
+            q.put(None)
+
+        th = threading.Thread(target=work, daemon=True)
+        th.start()
+        while (item := q.get()) is not None:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+        th.join()
+
+    def generate_ids(self, input_ids: Tensor, max_new_tokens: int = 64, temperature: float = 0.0,
+                     top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                     attention_mask: Tensor | None = None, ignore_eos: bool = False) -> Tensor:
+        """Tensor in, tensor out: [B, T] prompt ids (left-padded with `attention_mask` if ragged) → [B, T + n]
+        with the new ids appended (rows that stopped early are filled with the pad id)."""
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+        rows = [r[m.bool()].tolist() if attention_mask is not None else r.tolist()
+                for r, m in zip(input_ids.cpu(), attention_mask.cpu() if attention_mask is not None else input_ids.cpu())]
+        params = self._params(max_new_tokens, temperature, top_k, top_p, seed, None, ignore_eos)
+        ids, _ = self._run(rows, params)
+        n = max(len(i) for i in ids)
+        pad = self._pad_id()
+        new = torch.tensor([i + [pad] * (n - len(i)) for i in ids], dtype=input_ids.dtype)
+        return torch.cat([input_ids.cpu(), new], dim=1)
+
+    @torch.inference_mode()
+    def logits(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """One full forward, [B, T, V] float32 (left-padded rows via `attention_mask`; pad positions are junk)."""
+        if input_ids.dim() == 1:
+            input_ids = input_ids.unsqueeze(0)
+        b, t = input_ids.shape
+        if t > self.max_seq_len:
+            raise GenerationInputError(f"input of {t} tokens exceeds max_seq_len {self.max_seq_len}")
+        self._ensure_cache(b)
+        pad = None
+        if attention_mask is not None:
+            pad = (t - attention_mask.sum(-1)).to(self.device)
+            pad = pad if bool(pad.any()) else None
+        x = input_ids.to(self.device)
+        return self.model(x, torch.arange(t, device=self.device), pad=pad, kv_len=t).float()
+
+    # ------------------------------------------------------------------------------------------ export
+    def save_low_bit(self, out_dir: str) -> str:
+        """Write the engine's low-bit folder (atomic); `LLM(out_dir)` loads it without re-quantizing."""
+        from .lowbit_folder import save_low_bit
+        return save_low_bit(self.model, self.tokenizer, out_dir,
+                            {"low_bit": self.low_bit, "group_size": self.group_size})
+
+    def __repr__(self) -> str:
+        return (f"LLM({os.path.basename(self.source.path)}, low_bit={self.low_bit}, dtype={self.dtype}, "
+                f"device={self.device}, max_seq_len={self.max_seq_len})")

@@ -1,0 +1,285 @@
+"""Build a model from an HF folder (safetensors), a GGUF file or an xpu-llm low-bit folder: the module
+tree is made on the meta device, then tensors stream in one at a time, each quantized on arrival and put
+in place with assign=True, so loading to 4-bit never holds the float model."""
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .config import ModelConfig
+from .errors import ModelNotFoundError, XpuLLMError
+from .lowbit.embedding import LowBitEmbedding
+from .lowbit.formats import GROUP_SIZES, get_format
+from .lowbit.linear import LowBitLinear
+from .model import Transformer
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "xpu_llm.json"
+
+# HF tensor name -> (our module path, fused part index or None, parameter name)
+_LAYER = re.compile(r"model\.layers\.(\d+)\.(.+)\.(weight|bias)$")
+_LAYER_PARTS = {
+    "self_attn.q_proj": ("attention.wqkv", 0), "self_attn.k_proj": ("attention.wqkv", 1),
+    "self_attn.v_proj": ("attention.wqkv", 2), "self_attn.o_proj": ("attention.wo", None),
+    "mlp.gate_proj": ("feed_forward.w13", 0), "mlp.up_proj": ("feed_forward.w13", 1),
+    "mlp.down_proj": ("feed_forward.w2", None),
+    "input_layernorm": ("attention_norm", None), "post_attention_layernorm": ("ffn_norm", None),
+}
+_N_PARTS = {"attention.wqkv": 3, "feed_forward.w13": 2}
+_TOP = {"model.embed_tokens.weight": ("tok_embeddings", "weight"), "model.norm.weight": ("norm", "weight"),
+        "lm_head.weight": ("output", "weight")}
+_LINEARS = ("attention.wqkv", "attention.wo", "feed_forward.w13", "feed_forward.w2")
+
+
+@dataclass
+class Source:
+    """What a model argument points at."""
+    kind: str  # "hf", "gguf" or "lowbit"
+    path: str  # the folder, or the .gguf file
+
+
+def resolve_source(model: str | os.PathLike | None) -> Source:
+    """Classify a model argument; None is the embedded SmolLM2 GGUF."""
+    if model is None:
+        from .default_model import default_model_path
+        return Source("gguf", default_model_path())
+    path = os.fspath(model)
+    if not os.path.exists(path):
+        raise ModelNotFoundError(
+            f"model path {path!r} does not exist. Give a local Hugging Face model folder (config.json + "
+            "*.safetensors), a .gguf file, a folder written by `xpu-llm convert`, or nothing for the embedded SmolLM2")
+    if os.path.isfile(path):
+        if path.endswith(".gguf"):
+            return Source("gguf", path)
+        raise ModelNotFoundError(f"{path!r} is a file but not a .gguf file; give a GGUF file or a model folder")
+    if os.path.isfile(os.path.join(path, MANIFEST)):
+        return Source("lowbit", path)
+    ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf"))
+    has_st = any(f.endswith(".safetensors") for f in os.listdir(path))
+    if os.path.isfile(os.path.join(path, "config.json")) and has_st:
+        return Source("hf", path)
+    if len(ggufs) == 1 and not has_st:
+        return Source("gguf", os.path.join(path, ggufs[0]))
+    raise ModelNotFoundError(
+        f"{path!r} is not a model folder: expected config.json with *.safetensors (Hugging Face), one .gguf file, "
+        f"or an `xpu-llm convert` output ({MANIFEST}). PyTorch .bin checkpoints are not loaded (unsafe pickle): "
+        "convert them to safetensors first")
+
+
+def check_format(low_bit: str | None, group_size: int) -> None:
+    """Fail early, with the valid choices, on an unknown format or group size."""
+    if low_bit is not None:
+        get_format(low_bit)
+    if group_size not in GROUP_SIZES:
+        raise XpuLLMError(f"group_size {group_size} is not supported; choose one of {GROUP_SIZES}")
+
+
+# ---------------------------------------------------------------------------------------------- placement
+
+def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, name, module)
+
+
+def _make_linear(weight: Tensor | None, q: dict[str, Tensor] | None, bias: Tensor | None, in_f: int, out_f: int,
+                 low_bit: str | None, group_size: int, dtype: torch.dtype, name: str) -> nn.Module:
+    """A LowBitLinear from quantized tensors or a float weight, or a dense nn.Linear where the format is dense
+    or the input size does not divide the group (logged)."""
+    if q is not None:
+        return LowBitLinear.from_quantized(q, in_f, out_f, low_bit, group_size, bias=bias)
+    assert weight is not None
+    if low_bit is None or get_format(low_bit).dense or in_f % group_size:
+        if low_bit is not None and not get_format(low_bit).dense:
+            log.warning("%s: in_features %d is not a multiple of group %d; kept dense", name, in_f, group_size)
+        lin = nn.Linear(in_f, out_f, bias=bias is not None, device="meta")
+        lin.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+        if bias is not None:
+            lin.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
+        return lin
+    q = get_format(low_bit).quantize(weight, group_size)
+    return LowBitLinear.from_quantized(q, in_f, out_f, low_bit, group_size,
+                                       bias=None if bias is None else bias.to(dtype))
+
+
+@dataclass
+class Item:
+    """One tensor on its way in: float (`weight`) or already low-bit (`q` with its format and group)."""
+    weight: Tensor | None = None
+    q: dict[str, Tensor] | None = None
+    low_bit: str | None = None
+    group_size: int = 32
+
+    def rows(self) -> int:
+        t = self.weight if self.weight is not None else next(iter(self.q.values()))
+        return t.shape[0]
+
+    def to_float(self, dtype: torch.dtype) -> Tensor:
+        if self.weight is not None:
+            return self.weight.to(dtype)
+        return get_format(self.low_bit).dequantize(self.q, self.group_size, dtype)
+
+
+def _fuse(parts: list[Item], low_bit: str | None, group_size: int, dtype: torch.dtype,
+          keep_native: bool) -> tuple[Tensor | None, dict[str, Tensor] | None, str | None, int]:
+    """Concatenate the row blocks of a fused linear (q|k|v, gate|up). Native low-bit parts of one format
+    are concatenated as they are (rows are independent): no second rounding."""
+    natives = {(p.low_bit, p.group_size) for p in parts if p.q is not None}
+    if keep_native and len(natives) == 1 and all(p.q is not None for p in parts):
+        fmt, g = natives.pop()
+        names = parts[0].q.keys()
+        return None, {k: torch.cat([p.q[k] for p in parts]) for k in names}, fmt, g
+    return torch.cat([p.to_float(torch.float32) for p in parts]), None, low_bit, group_size
+
+
+class Loader:
+    """Streams (hf_name, Item) pairs into a meta-built Transformer."""
+
+    def __init__(self, cfg: ModelConfig, low_bit: str | None, group_size: int, dtype: torch.dtype,
+                 device: torch.device, keep_native: bool) -> None:
+        with torch.device("meta"):
+            self.model = Transformer(cfg)
+        self.cfg, self.low_bit, self.group_size, self.dtype, self.device = cfg, low_bit, group_size, dtype, device
+        self.keep_native = keep_native
+        self.pending: dict[str, dict[str, dict[int, Item]]] = {}
+        self.embed: Item | None = None
+        self.head: Item | None = None
+        self.done: set[str] = set()
+
+    def add(self, hf_name: str, item: Item) -> None:
+        if item.weight is not None:
+            item.weight = item.weight.to(self.device)
+        if item.q is not None:
+            item.q = {k: v.to(self.device) for k, v in item.q.items()}
+        if hf_name in _TOP:
+            path, _ = _TOP[hf_name]
+            if path == "tok_embeddings":
+                self.embed = item
+            elif path == "output":
+                self.head = item
+            else:
+                self._put_param(path, "weight", item.to_float(self.dtype))
+            return
+        m = _LAYER.match(hf_name)
+        if m is None or m.group(2) not in _LAYER_PARTS:
+            if "rotary_emb" not in hf_name:
+                log.debug("ignoring tensor %s", hf_name)
+            return
+        i, part, pname = m.groups()
+        path, idx = _LAYER_PARTS[part]
+        full = f"layers.{i}.{path}"
+        if path not in _LINEARS:
+            self._put_param(full, "weight", item.to_float(self.dtype))
+            return
+        slot = self.pending.setdefault(full, {}).setdefault(pname, {})
+        slot[idx or 0] = item
+        self._maybe_finish(full)
+
+    def _put_param(self, path: str, pname: str, t: Tensor) -> None:
+        mod = self.model.get_submodule(path)
+        setattr(mod, pname, nn.Parameter(t, requires_grad=False))
+        self.done.add(f"{path}.{pname}")
+
+    def _maybe_finish(self, full: str) -> None:
+        sub = full.split(".", 2)[2]
+        n = _N_PARTS.get(sub, 1)
+        got = self.pending[full]
+        want_bias = {"attention.wqkv": self.cfg.attention_bias, "attention.wo": self.cfg.o_bias}.get(sub, self.cfg.mlp_bias)
+        if len(got.get("weight", {})) < n or (want_bias and len(got.get("bias", {})) < n):
+            return
+        parts = [got["weight"][j] for j in range(n)]
+        bias = torch.cat([got["bias"][j].to_float(self.dtype) for j in range(n)]) if want_bias else None
+        weight, q, fmt, g = _fuse(parts, self.low_bit, self.group_size, self.dtype, self.keep_native)
+        if q is None:
+            fmt, g = self.low_bit, self.group_size
+        out_f = sum(p.rows() for p in parts)
+        in_f = self.model.get_submodule(full).in_features
+        _set_module(self.model, full, _make_linear(weight, q, bias, in_f, out_f, fmt, g, self.dtype, full))
+        del self.pending[full]
+        self.done.add(full)
+
+    def finish(self) -> Transformer:
+        """Place embedding and head (tied or not) and check that every tensor arrived."""
+        cfg = self.cfg
+        if self.embed is None:
+            raise XpuLLMError("the checkpoint has no token embedding (model.embed_tokens.weight)")
+        tied = cfg.tie_word_embeddings or self.head is None
+        head_item = self.embed if tied else self.head
+        use_q = head_item.q is not None and self.keep_native
+        weight = None if use_q else head_item.to_float(torch.float32)
+        fmt, g = (head_item.low_bit, head_item.group_size) if use_q else (self.low_bit, self.group_size)
+        head = _make_linear(weight, head_item.q if use_q else None, None, cfg.dim, cfg.vocab_size, fmt, g,
+                            self.dtype, "output")
+        self.model.output = head
+        if tied and isinstance(head, LowBitLinear):
+            self.model.tok_embeddings = LowBitEmbedding(head.low_bit, head.group_size, self.dtype, tied_to=head)
+        elif tied:
+            self.model.tok_embeddings.weight = head.weight
+        elif self.embed.q is not None and self.keep_native:
+            self.model.tok_embeddings = LowBitEmbedding(self.embed.low_bit, self.embed.group_size, self.dtype,
+                                                        tensors=self.embed.q)
+        else:
+            self.model.tok_embeddings.weight = nn.Parameter(self.embed.to_float(self.dtype), requires_grad=False)
+        missing = [n for n, t in list(self.model.named_parameters()) + list(self.model.named_buffers())
+                   if t.is_meta]
+        if missing or self.pending:
+            raise XpuLLMError(f"the checkpoint is incomplete: no data for {(missing + list(self.pending))[:6]} ...")
+        return self.model
+
+
+# ---------------------------------------------------------------------------------------------- sources
+
+def _hf_items(folder: str) -> Iterator[tuple[str, Item]]:
+    from .safetensors_io import checkpoint_index, read_tensor
+    for name, entry in sorted(checkpoint_index(folder).items(), key=lambda kv: (kv[1].file, kv[1].start)):
+        yield name, Item(weight=read_tensor(entry))
+
+
+def _gguf_items(gf: Any) -> Iterator[tuple[str, Item]]:
+    for name, kind, payload in gf.tensors():
+        if kind == "dense":
+            yield name, Item(weight=payload)
+        else:
+            yield name, Item(q=payload, low_bit=kind, group_size=32)
+
+
+def load_model(source: Source, low_bit: str | None | object, group_size: int, dtype: torch.dtype,
+               device: torch.device, progress: bool = True) -> tuple[Transformer, dict[str, Any]]:
+    """The model and a dict of facts about the load (format used, config source)."""
+    from tqdm.auto import tqdm
+
+    if source.kind == "lowbit":
+        from .lowbit_folder import load_low_bit
+        return load_low_bit(source.path, dtype, device, progress)
+    if source.kind == "gguf":
+        from .gguf_io import open_gguf
+        gf = open_gguf(source.path)
+        cfg = ModelConfig.from_hf(gf.hf_config())
+        native = gf.file_type_name()
+        fmt = (native or "sym_int4") if low_bit == "auto" else low_bit
+        keep_native = fmt == native
+        items, total = _gguf_items(gf), len(gf.tensor_info())
+    else:
+        cfg = ModelConfig.from_json_file(os.path.join(source.path, "config.json"))
+        fmt = "sym_int4" if low_bit == "auto" else low_bit
+        keep_native = False
+        from .safetensors_io import checkpoint_index
+        total = len(checkpoint_index(source.path))
+        items = _hf_items(source.path)
+    check_format(fmt, group_size)
+    if fmt is not None and get_format(fmt).dense:
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[fmt]
+        fmt = None
+    loader = Loader(cfg, fmt, group_size, dtype, device, keep_native)
+    desc = f"loading {os.path.basename(source.path.rstrip('/'))}" + (f" as {fmt}" if fmt else "")
+    for name, item in tqdm(items, total=total, desc=desc, unit="tensor", disable=not progress, leave=False):
+        loader.add(name, item)
+    model = loader.finish()
+    return model, {"low_bit": fmt, "group_size": group_size, "config": cfg, "source": source}
