@@ -1,0 +1,379 @@
+"""Low-bit formats, packing, LowBitLinear and its kernels: exact storage, bounded error, kernel == reference,
+canonical state dicts that survive the kernels, and GGUF blocks that map onto our formats unchanged."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from xpu_llm.errors import UnknownFormatError
+from xpu_llm.lowbit import FORMATS, GROUP_SIZES, LOW_BIT_NAMES, LowBitLinear, get_format, quantize_linears
+from xpu_llm.lowbit.kernels import cpu
+from xpu_llm.lowbit.packing import pack_int4_signed, pack_nibbles, unpack_nibbles
+
+K = 256  # divisible by every group size
+# Frobenius relative error of quantize -> dequantize on N(0, 1) weights, measured (x ~1.15 margin).
+REL_ERR = {"sym_int4": 0.14, "asym_int4": 0.12, "nf4": 0.11, "fp4": 0.13, "sym_int8": 0.008,
+           "fp8_e4m3": 0.03, "fp8_e5m2": 0.06, "bf16": 0.002, "fp16": 3e-4, "fp32": 0.0}
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _weight(n: int, k: int, seed: int = 0) -> torch.Tensor:
+    w = torch.randn(n, k, generator=_gen(seed))
+    w[0, :128] = 0.0  # an all-zero group for every group size: scale 0, codes 0, no NaN
+    return w
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """A view that torch.equal compares bit for bit (fp8 and NaN-safe)."""
+    return t.contiguous().view(torch.uint8)
+
+
+def _random_canonical(name: str, n: int, k: int, g: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Random valid canonical tensors (every code, scales > 0) straight into the storage layout."""
+    gen = _gen(seed)
+    out = {}
+    for t, (shape, dt) in get_format(name).shapes(n, k, g).items():
+        if t == "qweight" and dt == torch.uint8:
+            out[t] = torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
+        elif t == "qweight" and dt == torch.int8:
+            out[t] = torch.randint(-127, 128, shape, generator=gen, dtype=torch.int8)
+        elif t == "qweight":  # fp8: random finite values
+            out[t] = (torch.randn(shape, generator=gen) * 8).to(dt)
+        elif t == "mins":
+            out[t] = (-torch.rand(shape, generator=gen)).to(dt)
+        else:
+            out[t] = (torch.rand(shape, generator=gen) * 0.1 + 1e-3).to(dt)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- registry
+
+def test_registry():
+    assert LOW_BIT_NAMES == ("sym_int4", "asym_int4", "nf4", "fp4", "sym_int8", "fp8_e4m3", "fp8_e5m2")
+    assert GROUP_SIZES == (32, 64, 128)
+    for name, f in FORMATS.items():
+        assert get_format(name) is f and f.name == name
+        assert f.dense == (name in ("bf16", "fp16", "fp32"))
+    assert get_format("SYM_INT4") is FORMATS["sym_int4"]
+
+
+def test_unknown_format_lists_valid_names():
+    with pytest.raises(UnknownFormatError) as e:
+        get_format("int3")
+    for name in FORMATS:
+        assert name in str(e.value)
+    with pytest.raises(UnknownFormatError):
+        LowBitLinear(64, 64, low_bit="q4_k")
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_shapes_and_nbytes(name):
+    f = get_format(name)
+    for g in GROUP_SIZES:
+        q = f.quantize(_weight(48, K), g)
+        shapes = f.shapes(48, K, g)
+        assert {t: (tuple(v.shape), v.dtype) for t, v in q.items()} == shapes
+        assert tuple(q) == f.tensor_names
+        assert f.nbytes(48, K, g) == sum(v.numel() * v.element_size() for v in q.values())
+    if not f.dense:
+        assert f.bits * 48 * K // 8 < f.nbytes(48, K, 32) < 48 * K * 2
+
+
+# ---------------------------------------------------------------------------------------------- packing
+
+def test_nibble_round_trip():
+    codes = torch.randint(0, 16, (7, 3, 64), generator=_gen(1), dtype=torch.uint8)
+    packed = pack_nibbles(codes)
+    assert packed.shape == (7, 3, 32) and packed.dtype == torch.uint8
+    assert torch.equal(unpack_nibbles(packed), codes)
+    assert torch.equal(packed[..., 0] & 0xF, codes[..., 0]) and torch.equal(packed[..., 0] >> 4, codes[..., 1])
+    raw = torch.randint(0, 256, (5, 40), generator=_gen(2), dtype=torch.uint8)
+    assert torch.equal(pack_nibbles(unpack_nibbles(raw)), raw)
+    q = torch.randint(-8, 8, (4, 32), generator=_gen(3))
+    assert torch.equal(unpack_nibbles(pack_int4_signed(q)).long() - 8, q)
+
+
+@pytest.mark.parametrize("name", LOW_BIT_NAMES)
+@pytest.mark.parametrize("g", GROUP_SIZES)
+def test_kernel_layout_round_trip(name, g):
+    """Random canonical tensors survive the kernel re-layout (prepare) bit for bit, rows stay independent."""
+    n = 80  # not a multiple of 64: a tail block in the int4 layout
+    q = _random_canonical(name, n, K, g, seed=g)
+    layer = LowBitLinear.from_quantized({k: v.clone() for k, v in q.items()}, K, n, name, g).prepare(torch.bfloat16)
+    got = layer.tensors()
+    for t in q:
+        assert torch.equal(_bits(got[t]), _bits(q[t])), (name, t)
+    rows = torch.tensor([3, 0, 79])
+    sub = get_format(name).dequantize({t: v[rows] for t, v in q.items()}, g)
+    assert torch.equal(sub, layer.dequantize_weight()[rows])
+
+
+@pytest.mark.skipif(cpu.int4pack_layout() is None, reason="no int4pack CPU kernel layout here")
+@pytest.mark.parametrize("n,k", [(16, 64), (48, 128), (80, 64), (192, 576), (208, 128), (576, 1536),
+                                 (1536, 576), (49152, 576)])
+def test_int4pack_unpack_bit_exact(n, k):
+    qweight = torch.randint(0, 256, (n, k // 2), generator=_gen(n), dtype=torch.uint8)
+    packed = cpu.int4_pack(qweight)
+    ref = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(qweight[:256]).to(torch.int32), 2)
+    if n <= 256:
+        assert torch.equal(packed, ref)  # chunked packing == one call
+    assert torch.equal(cpu.int4_unpack(packed, n, k), qweight)
+
+
+# ---------------------------------------------------------------------------------------------- quantize
+
+@pytest.mark.parametrize("name", list(FORMATS))
+@pytest.mark.parametrize("g", GROUP_SIZES)
+def test_quantize_error_bounded(name, g):
+    f = get_format(name)
+    w = _weight(64, K, seed=g)
+    for dt in (torch.float32, torch.bfloat16):
+        q = f.quantize(w.to(dt), g)
+        d = f.dequantize(q, g)
+        assert torch.isfinite(d).all()
+        assert _rel(d, w.to(dt)) <= REL_ERR[name]
+        assert torch.equal(d[0, :128], torch.zeros(128))
+        assert f.dequantize(q, g, torch.bfloat16).dtype == torch.bfloat16
+    if name in ("sym_int4", "asym_int4", "sym_int8"):  # element-wise: within half a step of the group scale
+        q = f.quantize(w, g)
+        step = q["scales"].float().repeat_interleave(g, dim=1)
+        assert ((f.dequantize(q, g) - w).abs() <= step * 0.5 + 1e-3 * step + 1e-6).all()
+
+
+def _np_fp16_scale(v32: np.ndarray, div: float) -> np.ndarray:
+    """absmax / div in float32 (via float64: correctly rounded), then rounded to float16, as float64."""
+    return (v32.astype(np.float64) / div).astype(np.float32).astype(np.float16).astype(np.float64)
+
+
+@pytest.mark.parametrize("g", GROUP_SIZES)
+def test_int_formats_match_numpy_float64(g):
+    """sym_int4 / asym_int4 / sym_int8 codes and scales recomputed independently in numpy."""
+    w = _weight(64, K, seed=10 + g)
+    x32 = w.numpy().reshape(64, K // g, g)
+    x = x32.astype(np.float64)
+    absmax = np.abs(x32).max(-1, keepdims=True)
+
+    def safe(s):
+        return np.where(s == 0, 1.0, s)
+
+    s = _np_fp16_scale(absmax, 7)
+    codes = (np.clip(np.rint(x / safe(s)), -8, 7) + 8).astype(np.uint8).reshape(64, K)
+    q = get_format("sym_int4").quantize(w, g)
+    assert np.array_equal(q["scales"].numpy(), s[..., 0].astype(np.float16))
+    assert np.array_equal(q["qweight"].numpy(), codes[:, 0::2] | (codes[:, 1::2] << 4))
+
+    mn, mx = x32.min(-1, keepdims=True), x32.max(-1, keepdims=True)
+    s = _np_fp16_scale((mx - mn).astype(np.float32), 15)
+    m = mn.astype(np.float16).astype(np.float64)
+    codes = np.clip(np.rint((x - m) / safe(s)), 0, 15).astype(np.uint8).reshape(64, K)
+    q = get_format("asym_int4").quantize(w, g)
+    assert np.array_equal(q["scales"].numpy(), s[..., 0].astype(np.float16))
+    assert np.array_equal(q["mins"].numpy(), m[..., 0].astype(np.float16))
+    assert np.array_equal(q["qweight"].numpy(), codes[:, 0::2] | (codes[:, 1::2] << 4))
+    deq = get_format("asym_int4").dequantize(q, g, torch.float64).numpy()
+    assert np.allclose(deq, (codes.reshape(64, K // g, g) * s + m).reshape(64, K), rtol=0, atol=1e-6)
+
+    s = _np_fp16_scale(absmax, 127)
+    codes = np.clip(np.rint(x / safe(s)), -127, 127).astype(np.int8).reshape(64, K)
+    q = get_format("sym_int8").quantize(w, g)
+    assert np.array_equal(q["scales"].numpy(), s[..., 0].astype(np.float16))
+    assert np.array_equal(q["qweight"].numpy(), codes)
+
+
+def test_codebook_and_fp8_codes():
+    w = _weight(16, 128, seed=5)
+    q = get_format("nf4").quantize(w, 64)
+    code = torch.tensor(FORMATS["nf4"].code)
+    y = (w.view(16, 2, 64) / q["scales"].float().clamp_min(1e-30).unsqueeze(-1)).reshape(16, 128)
+    idx = unpack_nibbles(q["qweight"]).long()
+    assert torch.equal(idx, (y.unsqueeze(-1) - code).abs().argmin(-1))  # nearest level (no ties in random data)
+    q = get_format("fp4").quantize(w, 32)
+    levels = get_format("fp4").dequantize(q, 32) / q["scales"].float().repeat_interleave(32, 1).clamp_min(1e-30)
+    assert set(levels.flatten().tolist()) <= set(FORMATS["fp4"].code)
+    for name, dt in (("fp8_e4m3", torch.float8_e4m3fn), ("fp8_e5m2", torch.float8_e5m2)):
+        q = get_format(name).quantize(w, 32)
+        assert q["qweight"].dtype == dt and q["scales"].dtype == torch.float32
+        assert torch.allclose(q["scales"][1:], w[1:].view(15, 4, 32).abs().amax(-1) / torch.finfo(dt).max)
+
+
+# ---------------------------------------------------------------------------------------------- GGUF blocks
+
+def _q4_block(seed: int):
+    rng = np.random.default_rng(seed)
+    d, m = np.float16(rng.uniform(0.01, 0.1)), np.float16(rng.uniform(-1, 0))
+    qs = rng.integers(0, 256, 16, dtype=np.uint8)
+    elems = np.concatenate([qs & 0x0F, qs >> 4])  # GGUF: element j low nibble of byte j, j+16 high nibble
+    return d, m, qs, elems
+
+
+def test_gguf_q4_1_block_maps_to_asym_int4():
+    d, m, qs, elems = _q4_block(0)
+    block = np.concatenate([np.array([d, m], dtype=np.float16).view(np.uint8), qs])  # the 20 bytes of block_q4_1
+    d2, m2 = block[:4].view(np.float16)
+    codes = torch.from_numpy(np.concatenate([block[4:] & 0x0F, block[4:] >> 4]))  # re-lay: elements in order
+    q = {"qweight": pack_nibbles(codes.view(1, 32)), "scales": torch.tensor([[d2]]), "mins": torch.tensor([[m2]])}
+    ours = get_format("asym_int4").dequantize(q, 32, torch.float64).numpy()[0]
+    expected = float(d) * elems.astype(np.float64) + float(m)  # llama.cpp dequantize_row_q4_1
+    assert np.allclose(ours, expected, rtol=0, atol=1e-12)
+    layer = LowBitLinear.from_quantized(q, 32, 1, "asym_int4", 32)
+    x = torch.randn(1, 32, generator=_gen(0), dtype=torch.float64)
+    assert torch.allclose(layer(x)[0, 0], x[0] @ torch.from_numpy(expected), atol=1e-10)
+
+
+def test_gguf_q4_0_and_q8_0_blocks_map_exactly():
+    d, _, qs, elems = _q4_block(1)
+    q = {"qweight": pack_nibbles(torch.from_numpy(elems).view(1, 32)), "scales": torch.tensor([[d]])}
+    ours = get_format("sym_int4").dequantize(q, 32, torch.float64).numpy()[0]
+    assert np.array_equal(ours, float(d) * (elems.astype(np.float64) - 8))
+    qs8 = np.random.default_rng(2).integers(-127, 128, 32).astype(np.int8)
+    q = {"qweight": torch.from_numpy(qs8).view(1, 32), "scales": torch.tensor([[d]])}
+    assert np.array_equal(get_format("sym_int8").dequantize(q, 32, torch.float64).numpy()[0], float(d) * qs8)
+
+
+# ---------------------------------------------------------------------------------------------- LowBitLinear
+
+def _layer(name: str, n: int, g: int, bias: bool = True, seed: int = 0) -> LowBitLinear:
+    lin = nn.Linear(K, n, bias=bias)
+    with torch.no_grad():
+        lin.weight.copy_(_weight(n, K, seed))
+        if bias:
+            lin.bias.copy_(torch.randn(n, generator=_gen(seed + 1)))
+    return LowBitLinear.from_linear(lin, name, g)
+
+
+@pytest.mark.parametrize("name", LOW_BIT_NAMES)
+@pytest.mark.parametrize("g", GROUP_SIZES)
+def test_forward_matches_float64(name, g):
+    for n in (192, 80):
+        layer = _layer(name, n, g, seed=n + g)
+        w = layer.dequantize_weight(torch.float64)
+        b = layer.bias.double()
+        for shape in ((1, K), (3, 5, K)):
+            x = torch.randn(*shape, generator=_gen(g))
+            for dt, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-2)):
+                xd = x.to(dt)
+                y = layer(xd)
+                assert y.dtype == dt and y.shape == (*shape[:-1], n)
+                assert _rel(y, xd.double() @ w.T + b) < tol, (name, g, n, shape, dt)
+        if name in ("sym_int4", "asym_int4", "sym_int8"):
+            assert layer._kernel is not None and layer._buffers["qweight"] is None  # canonical copy dropped
+    x64 = torch.randn(2, K, generator=_gen(1), dtype=torch.float64)
+    assert torch.allclose(layer(x64), x64 @ w.T + b, rtol=1e-10, atol=1e-10)
+
+
+def test_int8_per_channel_path():
+    layer = _layer("sym_int8", 96, K)  # group == K: one per-channel kernel call
+    x = torch.randn(4, K, generator=_gen(3)).to(torch.bfloat16)
+    ref = x.double() @ layer.dequantize_weight(torch.float64).T + layer.bias.double()
+    assert _rel(layer(x), ref) < 2e-2 and layer._kernel is cpu.Int8Pack
+
+
+@pytest.mark.parametrize("name", LOW_BIT_NAMES)
+def test_state_dict_safetensors_round_trip(name, tmp_path):
+    g = 64
+    layer = _layer(name, 80, g, seed=7)
+    sd0 = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(2, 3, K, generator=_gen(4))
+    y0 = layer(x)
+    for dt in (torch.bfloat16, torch.float32):  # the kernel path runs (and may drop qweight), then fp32 again
+        layer(x.to(dt))
+    sd1 = layer.state_dict()
+    assert list(sd1) == list(get_format(name).tensor_names) + ["bias"]
+    for k in sd0:
+        assert sd1[k].dtype == sd0[k].dtype and torch.equal(_bits(sd1[k]), _bits(sd0[k])), k
+    path = tmp_path / "layer.safetensors"
+    save_file(sd1, str(path))
+    fresh = LowBitLinear(K, 80, bias=True, low_bit=name, group_size=g, device="meta")
+    fresh.load_state_dict(load_file(str(path)), assign=True)
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(_bits(v), _bits(sd0[k])), k
+    assert torch.equal(fresh(x), y0)
+    fresh.prepare(torch.bfloat16)
+    fresh.load_state_dict(sd0)  # loading into a prepared layer resets the kernel state
+    assert fresh._kernel is None and torch.equal(fresh(x), y0)
+
+
+def test_meta_construction_and_asserts():
+    layer = LowBitLinear(K, 96, bias=False, low_bit="asym_int4", group_size=32, device="meta")
+    assert {n: (tuple(b.shape), b.dtype) for n, b in layer.named_buffers()} == FORMATS["asym_int4"].shapes(96, K, 32)
+    assert layer.bias is None and all(b.is_meta for b in layer.buffers())
+    assert not any(p.requires_grad for p in _layer("nf4", 32, 64).parameters())
+    with pytest.raises(AssertionError, match="not a multiple of group_size"):
+        LowBitLinear(100, 64, low_bit="sym_int4", group_size=64)
+    with pytest.raises(AssertionError, match="dense"):
+        LowBitLinear(64, 64, low_bit="bf16")
+    assert "low_bit=asym_int4, group_size=32" in repr(layer)
+
+
+def test_dtype_casts_keep_the_format():
+    layer = _layer("fp8_e4m3", 32, 64)
+    layer(torch.randn(1, K, dtype=torch.bfloat16))
+    layer.to(torch.bfloat16)
+    assert layer.qweight.dtype == torch.float8_e4m3fn and layer.scales.dtype == torch.float32
+    assert layer.bias.dtype == torch.bfloat16
+    layer = _layer("sym_int4", 32, 64).prepare(torch.bfloat16)
+    assert layer._buffers["qweight"] is None
+    layer.half()
+    assert layer.qweight.dtype == torch.uint8 and layer.scales.dtype == torch.float16 and layer._kernel is None
+
+
+def test_keep_canonical_restores_qweight():
+    layer = _layer("sym_int4", 64, 32).prepare(torch.bfloat16)
+    assert layer._buffers["qweight"] is None
+    layer.keep_canonical = True
+    assert layer.qweight is not None and torch.equal(layer.qweight, layer.tensors()["qweight"])
+    rows = layer.qweight.index_select(0, torch.tensor([1, 2]))  # what a tied LowBitEmbedding does
+    assert rows.shape == (2, K // 2)
+    layer(torch.randn(1, K, dtype=torch.bfloat16))
+    assert layer._buffers["qweight"] is not None
+
+
+@pytest.mark.parametrize("dt", [torch.float32, torch.bfloat16])
+def test_backward_to_the_input(dt):
+    layer = _layer("sym_int4", 64, 64)
+    x = torch.randn(2, 3, K, generator=_gen(5)).to(dt).requires_grad_(True)
+    layer(x).sum().backward()
+    expected = torch.ones(2, 3, 64, dtype=dt) @ layer.dequantize_weight(dt)
+    assert torch.allclose(x.grad.float(), expected.float(), rtol=1e-2, atol=1e-2)
+
+
+# ---------------------------------------------------------------------------------------------- quantize_linears
+
+class _Tiny(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(128, 64)
+        self.odd = nn.Linear(100, 64)
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(64, 128, bias=False), nn.ReLU()) for _ in range(2)])
+        self.head = nn.Linear(128, 32, bias=False)
+
+
+def test_quantize_linears(caplog):
+    torch.manual_seed(0)
+    model = _Tiny()
+    before = {n: m.weight.detach().clone() for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    with caplog.at_level(logging.WARNING, logger="xpu_llm.lowbit.linear"):
+        out = quantize_linears(model, "sym_int4", 64, skip=lambda name, lin: name == "head")
+    assert out is model
+    assert isinstance(model.a, LowBitLinear) and isinstance(model.blocks[1][0], LowBitLinear)
+    assert type(model.odd) is nn.Linear and type(model.head) is nn.Linear
+    assert any("odd" in r.getMessage() and "100" in r.getMessage() for r in caplog.records)
+    assert not any("head" in r.getMessage() for r in caplog.records)
+    assert _rel(model.a.dequantize_weight(), before["a"]) < REL_ERR["sym_int4"]
+    assert model.a.bias is not None and model.blocks[0][0].bias is None
+    dense = quantize_linears(_Tiny(), "bf16", 64)
+    assert all(m.weight.dtype == torch.bfloat16 for m in dense.modules() if isinstance(m, nn.Linear))
+    single = quantize_linears(nn.Linear(64, 16), "nf4", 32)
+    assert isinstance(single, LowBitLinear)

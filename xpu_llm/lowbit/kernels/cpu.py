@@ -1,0 +1,185 @@
+"""CPU kernels: PyTorch's packed int4 (tinygemm) and int8 matmuls, used where they beat dequantize + matmul.
+
+A kernel re-lays the canonical `qweight` once (`pack`), can rebuild it exactly (`unpack`) so the layer may drop
+the canonical copy, and multiplies (`mm`). Activation-dtype scales are built lazily and cached in the state."""
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+from torch import Tensor
+
+from ..packing import pack_nibbles, unpack_nibbles
+
+log = logging.getLogger(__name__)
+
+State = dict[str, Tensor]
+_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def _has_op(name: str) -> bool:
+    return hasattr(torch.ops.aten, name)
+
+
+HAS_INT4 = _has_op("_weight_int4pack_mm_for_cpu") and _has_op("_convert_weight_to_int4pack_for_cpu")
+HAS_INT8 = _has_op("_weight_int8pack_mm")
+
+# ------------------------------------------------------------------------------------------------ int4 layout
+# _convert_weight_to_int4pack_for_cpu (aten/src/ATen/native/cpu/int4mm_kernel.cpp) cuts N into blocks of
+# BLOCK_N rows (64 with AVX512, 32 with AVX2 / no vectors), each stored [K, nb/2] bytes. Full blocks on
+# AVX2/AVX512 put row d in the low nibble and row d + BLOCK_N/2 in the high nibble ("split"); the tail block
+# (and every block without vectors) pairs rows 2i, 2i+1 ("interleaved"). BLOCK_N follows the CPU capability
+# chosen at run time, so the layout is detected once by a probe instead of assumed.
+
+_PROBE_N, _PROBE_K = 208, 64  # 208 = 3*64 + 16 = 6*32 + 16: full blocks and a tail for every candidate
+
+
+def _unpack_layout(packed: Tensor, n: int, k: int, block_n: int, split: bool) -> Tensor:
+    """Kernel-packed uint8 -> uint8 [n, k] nibble codes under a given (block_n, split) layout."""
+    flat = packed.reshape(-1)
+    full = n // block_n
+    parts = []
+    if full:
+        b = flat[: full * block_n * k // 2].view(full, k, block_n // 2)
+        lo, hi = b & 0x0F, b >> 4
+        rows = torch.cat((lo, hi), -1) if split else torch.stack((lo, hi), -1).view(full, k, block_n)
+        parts.append(rows.transpose(1, 2).reshape(full * block_n, k))
+    tail = n - full * block_n
+    if tail:
+        b = flat[full * block_n * k // 2:].view(k, tail // 2)
+        parts.append(torch.stack((b & 0x0F, b >> 4), -1).view(k, tail).t())
+    return torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()
+
+
+@functools.cache
+def int4pack_layout() -> tuple[int, bool] | None:
+    """(BLOCK_N, split) of this process's int4 packing, found by packing a probe; None if no candidate fits."""
+    if not HAS_INT4:
+        return None
+    gen = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (_PROBE_N, _PROBE_K), generator=gen, dtype=torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 2)
+    for block_n in (32, 64, 16, 128):
+        for split in (True, False):
+            if torch.equal(_unpack_layout(packed, _PROBE_N, _PROBE_K, block_n, split), codes.to(torch.uint8)):
+                log.debug("int4pack layout: BLOCK_N=%d split=%s", block_n, split)
+                return block_n, split
+    log.warning("unknown int4pack CPU layout; int4 layers keep their canonical weight next to the packed one")
+    return None
+
+
+def int4_pack(qweight: Tensor, chunk_rows: int = 4096) -> Tensor:
+    """Canonical uint8 [N, K/2] -> the kernel's packed uint8, in row chunks (bounds the int32 temporary)."""
+    n = qweight.shape[0]
+    layout = int4pack_layout()
+    step = n if layout is None else max(layout[0], chunk_rows // layout[0] * layout[0])
+    out = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(qweight[r:r + step]).to(torch.int32), 2)
+           for r in range(0, n, step)]
+    return out[0] if len(out) == 1 else torch.cat([o.reshape(-1) for o in out]).reshape(n, -1)
+
+
+def int4_unpack(packed: Tensor, n: int, k: int) -> Tensor:
+    """The kernel's packed uint8 -> canonical uint8 [N, K/2], bit-exact."""
+    layout = int4pack_layout()
+    assert layout is not None, "int4pack layout unknown: cannot rebuild the canonical weight"
+    return pack_nibbles(_unpack_layout(packed, n, k, *layout))
+
+
+class Int4Pack:
+    """sym_int4 / asym_int4 through _weight_int4pack_mm_for_cpu: w = (nibble - 8) * scale + zero."""
+
+    name = "int4pack"
+
+    @staticmethod
+    def applies(low_bit: str, n: int, k: int, group_size: int, dtype: torch.dtype) -> bool:
+        return (HAS_INT4 and low_bit in ("sym_int4", "asym_int4") and dtype in _KERNEL_DTYPES
+                and n % 16 == 0 and k % group_size == 0 and group_size in (32, 64, 128, 256))
+
+    @staticmethod
+    def droppable() -> bool:
+        return int4pack_layout() is not None
+
+    @staticmethod
+    def pack(q: State, n: int, k: int, group_size: int) -> State:
+        return {"packed": int4_pack(q["qweight"])}
+
+    @staticmethod
+    def unpack(state: State, n: int, k: int, group_size: int) -> Tensor:
+        return int4_unpack(state["packed"], n, k)
+
+    @staticmethod
+    def mm(x2d: Tensor, state: State, q: State, group_size: int) -> Tensor:
+        key = f"sz.{x2d.dtype}"
+        sz = state.get(key)
+        if sz is None:
+            for other in [k for k in state if k.startswith("sz.")]:
+                del state[other]  # one activation dtype at a time
+            sz = state[key] = int4_scales_and_zeros(q["scales"], q.get("mins"), x2d.dtype)
+        return torch.ops.aten._weight_int4pack_mm_for_cpu(x2d.contiguous(), state["packed"], group_size, sz)
+
+
+def int4_scales_and_zeros(scales: Tensor, mins: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """[G, N, 2] (scale, zero) in `dtype`: zero = 0 for sym_int4, min + 8 * scale for asym_int4."""
+    s = scales.t().to(torch.float32)
+    z = torch.zeros_like(s) if mins is None else mins.t().to(torch.float32) + 8 * s
+    return torch.stack((s, z), -1).to(dtype).contiguous()
+
+
+# ------------------------------------------------------------------------------------------------ int8
+
+class Int8Pack:
+    """sym_int8 through _weight_int8pack_mm (per-output-channel scales): one call when group_size == K,
+    else one call per group on a group-major copy [K/g, N, g] of the codes (an exact re-layout)."""
+
+    name = "int8pack"
+
+    @staticmethod
+    def applies(low_bit: str, n: int, k: int, group_size: int, dtype: torch.dtype) -> bool:
+        return HAS_INT8 and low_bit == "sym_int8" and dtype in _KERNEL_DTYPES and k % group_size == 0
+
+    @staticmethod
+    def droppable() -> bool:
+        return True
+
+    @staticmethod
+    def pack(q: State, n: int, k: int, group_size: int) -> State:
+        qw = q["qweight"]
+        if group_size == k:
+            return {"packed": qw.contiguous()}
+        return {"packed": qw.view(n, k // group_size, group_size).transpose(0, 1).contiguous()}
+
+    @staticmethod
+    def unpack(state: State, n: int, k: int, group_size: int) -> Tensor:
+        p = state["packed"]
+        return p if p.dim() == 2 else p.transpose(0, 1).reshape(n, k)
+
+    @staticmethod
+    def mm(x2d: Tensor, state: State, q: State, group_size: int) -> Tensor:
+        key = f"s.{x2d.dtype}"
+        s = state.get(key)
+        if s is None:
+            for other in [k for k in state if k.startswith("s.")]:
+                del state[other]
+            s = state[key] = q["scales"].t().to(x2d.dtype).contiguous()  # [G, N]
+        p = state["packed"]
+        x2d = x2d.contiguous()
+        if p.dim() == 2:
+            return torch.ops.aten._weight_int8pack_mm(x2d, p, s[0])
+        g = p.shape[0]
+        xg = x2d.view(x2d.shape[0], g, group_size).transpose(0, 1).contiguous()  # [G, M, g]
+        acc = torch.ops.aten._weight_int8pack_mm(xg[0], p[0], s[0]).float()
+        for i in range(1, g):
+            acc += torch.ops.aten._weight_int8pack_mm(xg[i], p[i], s[i])
+        return acc.to(x2d.dtype)
+
+
+KERNELS = (Int4Pack, Int8Pack)
+
+
+def select(low_bit: str, n: int, k: int, group_size: int, dtype: torch.dtype):
+    """The CPU kernel for this layer and activation dtype, or None for the reference path."""
+    for kern in KERNELS:
+        if kern.applies(low_bit, n, k, group_size, dtype):
+            return kern
+    return None

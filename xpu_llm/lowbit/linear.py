@@ -1,0 +1,214 @@
+"""LowBitLinear: a frozen linear layer stored in a low-bit format (canonical buffers, see formats.py), with
+the matmul dispatched per device and dtype (kernels/). `quantize_linears` swaps it into any module tree.
+
+A CPU kernel may re-lay `qweight` for speed; the canonical copy is then dropped (unless `keep_canonical`),
+and state_dict() rebuilds it bit-exactly, so checkpoints never depend on the machine that wrote them."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
+
+from .formats import LowBitFormat, get_format
+from .kernels import lowbit_matmul, select_kernel
+
+log = logging.getLogger(__name__)
+
+
+class _LowBitMatmul(torch.autograd.Function):
+    """x2d @ W.T with a frozen W: the kernels have no autograd formula, so backward is grad @ W (for QLoRA)."""
+
+    @staticmethod
+    def forward(ctx, x2d: Tensor, layer: "LowBitLinear") -> Tensor:
+        ctx.layer = layer
+        return lowbit_matmul(x2d, layer)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad @ ctx.layer.dequantize_weight(grad.dtype), None
+
+
+class LowBitLinear(nn.Module):
+    """y = x @ W.T + bias with W in a low-bit format; W is frozen (buffers), bias a frozen parameter."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, low_bit: str = "sym_int4",
+                 group_size: int = 64, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        fmt = get_format(low_bit)
+        assert not fmt.dense, f"{fmt.name} is a dense format: use a plain nn.Linear in that dtype"
+        assert group_size > 0 and in_features % group_size == 0, (
+            f"in_features {in_features} is not a multiple of group_size {group_size}; "
+            f"pick a group size that divides it or keep this layer dense")
+        self.in_features, self.out_features = in_features, out_features
+        self.low_bit, self.group_size, self.fmt = fmt.name, group_size, fmt
+        for name, (shape, dt) in fmt.shapes(out_features, in_features, group_size).items():
+            self.register_buffer(name, torch.empty(shape, dtype=dt, device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype, device=device), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self._kernel = None  # the CPU kernel whose state is prepared (kernels/cpu.py), if any
+        self._state: dict[str, Tensor] | None = None
+        self._keep_canonical = False
+
+    # ------------------------------------------------------------------------------------------ construction
+    @classmethod
+    def from_quantized(cls, tensors: dict[str, Tensor], in_features: int, out_features: int, low_bit: str,
+                       group_size: int, bias: Tensor | None = None) -> "LowBitLinear":
+        """Wrap already-quantized canonical tensors (GGUF import, checkpoints) without copying them."""
+        layer = cls(in_features, out_features, bias is not None, low_bit, group_size, device="meta",
+                    dtype=bias.dtype if bias is not None else torch.float32)
+        want = layer.fmt.shapes(out_features, in_features, group_size)
+        assert set(tensors) == set(want), f"{layer.low_bit} needs tensors {sorted(want)}, got {sorted(tensors)}"
+        for name, (shape, dt) in want.items():
+            t = tensors[name]
+            assert tuple(t.shape) == shape and t.dtype == dt, (
+                f"{layer.low_bit} {name}: expected {shape} {dt}, got {tuple(t.shape)} {t.dtype}")
+            layer._buffers[name] = t.detach()
+        if bias is not None:
+            assert bias.shape == (out_features,), f"bias shape {tuple(bias.shape)} != ({out_features},)"
+            layer.bias = nn.Parameter(bias.detach(), requires_grad=False)
+        return layer
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, low_bit: str, group_size: int = 64) -> "LowBitLinear":
+        """Quantize an nn.Linear's weight (the bias stays float, in its own dtype)."""
+        fmt = get_format(low_bit)
+        assert not fmt.dense, f"{fmt.name} is dense: cast the nn.Linear instead (quantize_linears does)"
+        q = fmt.quantize(linear.weight, group_size)
+        return cls.from_quantized(q, linear.in_features, linear.out_features, fmt.name, group_size,
+                                  bias=None if linear.bias is None else linear.bias.detach())
+
+    # ------------------------------------------------------------------------------------------ weights
+    def tensors(self) -> dict[str, Tensor]:
+        """The canonical tensors by name (qweight rebuilt from the kernel layout if it was dropped)."""
+        out = {}
+        for name in self.fmt.tensor_names:
+            t = self._buffers.get(name)
+            if t is None:
+                assert self._kernel is not None, f"{name} is missing and no kernel state can rebuild it"
+                t = self._kernel.unpack(self._state, self.out_features, self.in_features, self.group_size)
+            out[name] = t
+        return out
+
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The [N, K] weight in `dtype` (reference dequantization)."""
+        return self.fmt.dequantize(self.tensors(), self.group_size, dtype)
+
+    @property
+    def keep_canonical(self) -> bool:
+        """True keeps the canonical qweight beside a kernel's copy (needed when rows are gathered from it)."""
+        return self._keep_canonical
+
+    @keep_canonical.setter
+    def keep_canonical(self, value: bool) -> None:
+        self._keep_canonical = bool(value)
+        if value and self._kernel is not None and self._buffers.get("qweight") is None:
+            self._buffers["qweight"] = self.tensors()["qweight"]
+
+    # ------------------------------------------------------------------------------------------ kernel state
+    def kernel_state(self, kernel) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+        """(kernel state, canonical tensors except qweight) for `kernel`, packing once on first use."""
+        if self._kernel is not kernel:
+            self.unprepare()
+            self._state = kernel.pack(self.tensors(), self.out_features, self.in_features, self.group_size)
+            self._kernel = kernel
+            if not self._keep_canonical and kernel.droppable():
+                self._buffers["qweight"] = None  # state_dict() rebuilds it from the kernel layout
+        rest = {n: self._buffers[n] for n in self.fmt.tensor_names if n != "qweight"}
+        return self._state, rest
+
+    def prepare(self, dtype: torch.dtype = torch.bfloat16) -> "LowBitLinear":
+        """Pack for the kernel that activations of `dtype` on this layer's device will use (else no-op)."""
+        probe = torch.empty(0, self.in_features, dtype=dtype, device=self._buffers["scales"].device)
+        kernel = select_kernel(self, probe)
+        if kernel is not None:
+            self.kernel_state(kernel)
+        return self
+
+    def unprepare(self) -> None:
+        """Drop the kernel state, restoring the canonical qweight if it was dropped."""
+        if self._kernel is not None and self._buffers.get("qweight") is None:
+            self._buffers["qweight"] = self.tensors()["qweight"]
+        self._kernel, self._state = None, None
+
+    # ------------------------------------------------------------------------------------------ nn.Module
+    def forward(self, x: Tensor) -> Tensor:
+        assert x.shape[-1] == self.in_features, f"input has {x.shape[-1]} features, layer expects {self.in_features}"
+        x2d = x.reshape(-1, self.in_features)
+        if torch.is_grad_enabled() and x2d.requires_grad:
+            y = _LowBitMatmul.apply(x2d, self)
+        else:
+            y = lowbit_matmul(x2d, self)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        for name, t in self.tensors().items():  # always the canonical layout
+            destination[prefix + name] = t if keep_vars else t.detach()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        if any(prefix + n in state_dict for n in self.fmt.tensor_names):
+            self.unprepare()  # the kernel state would be stale
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+
+    def _apply(self, fn, recurse=True):
+        # Device moves apply to the format's buffers, dtype casts (model.to(bf16), .half()) never do:
+        # fp8 codes and fp32 scales are part of the format.
+        self.unprepare()
+        fixed = {id(t) for n in self.fmt.tensor_names if (t := self._buffers.get(n)) is not None}
+
+        def guarded(t: Tensor) -> Tensor:
+            out = fn(t)
+            if id(t) in fixed and out.dtype != t.dtype:
+                out = t.to(out.device)
+            return out
+
+        return super()._apply(guarded, recurse)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, low_bit={self.low_bit}, group_size={self.group_size}")
+
+
+def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, name, module)
+
+
+def quantize_linears(module: nn.Module, low_bit: str, group_size: int,
+                     skip: Callable[[str, nn.Linear], bool] | None = None) -> nn.Module:
+    """Swap every nn.Linear under `module` for a LowBitLinear, in place and one at a time (each float weight
+    is released as soon as it is quantized). A dense format casts instead; a layer whose in_features is not
+    a multiple of group_size stays dense (logged). Returns `module` (the new layer if it is itself a Linear)."""
+    fmt: LowBitFormat = get_format(low_bit)
+    targets = [(name, m) for name, m in module.named_modules()
+               if isinstance(m, nn.Linear) and not isinstance(m, NonDynamicallyQuantizableLinear)]
+    for name, lin in targets:
+        if skip is not None and skip(name, lin):
+            continue
+        if fmt.dense:
+            lin.weight = nn.Parameter(fmt.quantize(lin.weight, group_size)["weight"],
+                                      requires_grad=lin.weight.requires_grad)
+            if lin.bias is not None:
+                lin.bias = nn.Parameter(lin.bias.detach().to(lin.weight.dtype), requires_grad=lin.bias.requires_grad)
+            continue
+        if lin.in_features % group_size:
+            log.warning("%s: in_features %d is not a multiple of group_size %d; kept dense",
+                        name or type(lin).__name__, lin.in_features, group_size)
+            continue
+        new = LowBitLinear.from_linear(lin, fmt.name, group_size)
+        if not name:
+            return new
+        _set_module(module, name, new)
+        lin.weight = None  # free the float weight now, not after the whole tree
+    return module
