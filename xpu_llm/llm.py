@@ -61,6 +61,7 @@ class LLM:
         progress = progress if progress is not None else log.getEffectiveLevel() <= logging.INFO
         self.model, info = load_model(source, low_bit, group_size, self.dtype, self.device, progress=progress)
         self.model.eval()
+        self.dtype = info["dtype"]  # a dense bf16/fp16 format sets the compute dtype
         self.config = info["config"]
         self.low_bit: str | None = info.get("low_bit")
         self.group_size = info.get("group_size")
@@ -249,8 +250,14 @@ class LLM:
     # ------------------------------------------------------------------------------------------ export
     def save_low_bit(self, out_dir: str) -> str:
         """Write the engine's low-bit folder (atomic); `LLM(out_dir)` loads it without re-quantizing."""
+        from .errors import ModelNotFoundError
         from .lowbit_folder import save_low_bit
-        return save_low_bit(self.model, self.tokenizer, out_dir,
+        try:
+            tok = self.tokenizer
+        except ModelNotFoundError:
+            log.warning("%s has no tokenizer; saving the weights only", self.source.path)
+            tok = None
+        return save_low_bit(self.model, tok, out_dir,
                             {"low_bit": self.low_bit, "group_size": self.group_size})
 
     def __repr__(self) -> str:

@@ -282,4 +282,4 @@ def load_model(source: Source, low_bit: str | None | object, group_size: int, dt
     for name, item in tqdm(items, total=total, desc=desc, unit="tensor", disable=not progress, leave=False):
         loader.add(name, item)
     model = loader.finish()
-    return model, {"low_bit": fmt, "group_size": group_size, "config": cfg, "source": source}
+    return model, {"low_bit": fmt, "group_size": group_size, "config": cfg, "source": source, "dtype": dtype}

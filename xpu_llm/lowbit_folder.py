@@ -34,7 +34,8 @@ def _manifest(model: Transformer, extra: dict[str, Any]) -> dict[str, Any]:
     if isinstance(emb, LowBitEmbedding):
         embedding = {"kind": "tied" if emb.tied else "lowbit", "low_bit": emb.low_bit, "group_size": emb.group_size}
     else:
-        embedding = {"kind": "tied" if model.output.weight is emb.weight else "dense"}
+        tied = getattr(model.output, "weight", None) is emb.weight
+        embedding = {"kind": "tied" if tied else "dense"}
     return {"format": FORMAT_TAG, "version": VERSION, "config": model.config.to_dict(), "modules": modules,
             "embedding": embedding, "dtype": str(model.norm.weight.dtype).replace("torch.", ""), **extra}
 
@@ -127,4 +128,4 @@ def load_low_bit(path: str, dtype: torch.dtype, device: torch.device,
     for p in model.parameters():
         p.requires_grad_(False)
     return model, {"low_bit": manifest.get("low_bit"), "group_size": manifest.get("group_size"),
-                   "config": cfg, "manifest": manifest}
+                   "config": cfg, "manifest": manifest, "dtype": dtype}

@@ -1,0 +1,84 @@
+"""Generation behaviour: sampling is seeded and well-formed, top-k 1 is greedy, stop strings and stop tokens
+end rows, streaming yields exactly the generated text, batched greedy equals one-by-one greedy."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from xpu_llm import LLM
+from xpu_llm.generate import SamplingParams, sample
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_path):
+    # Dense float32 (dequantized on load): exact and quick on the CPU; low-bit generation is covered elsewhere.
+    return LLM(smollm2_path, low_bit=None, dtype=torch.float32, device="cpu", max_seq_len=256)
+
+
+def test_lowbit_bf16_generates_sensible_text(smollm2_path):
+    llm = LLM(smollm2_path, device="cpu", max_seq_len=128)  # the file's asym_int4, bf16 kernels
+    assert llm.low_bit == "asym_int4" and llm.dtype == torch.bfloat16
+    text = llm.generate("What is the capital of France?", max_new_tokens=16, chat=True)[0].text
+    assert "Paris" in text
+
+
+def test_sample_filters():
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    assert torch.equal(sample(logits, SamplingParams(temperature=0), None), logits.argmax(-1))
+    g = torch.Generator().manual_seed(1)
+    top1 = sample(logits, SamplingParams(temperature=1.0, top_k=1), g)
+    assert torch.equal(top1, logits.argmax(-1))
+    # top-p keeps the smallest prefix reaching p: with a dominant token and p small it is always that token
+    peaked = torch.full((2, 10), -5.0)
+    peaked[:, 3] = 5.0
+    for _ in range(20):
+        assert sample(peaked, SamplingParams(temperature=1.0, top_p=0.5), g).tolist() == [3, 3]
+    # top-k 3 never yields a token outside the 3 largest
+    allowed = logits.topk(3, -1).indices
+    for _ in range(50):
+        s = sample(logits, SamplingParams(temperature=2.0, top_k=3), g)
+        assert all(s[i] in allowed[i] for i in range(4))
+
+
+def test_sampling_is_seeded(smol):
+    a = smol.generate("Tell me a story.", max_new_tokens=16, temperature=0.9, top_p=0.95, seed=7)[0]
+    b = smol.generate("Tell me a story.", max_new_tokens=16, temperature=0.9, top_p=0.95, seed=7)[0]
+    c = smol.generate("Tell me a story.", max_new_tokens=16, temperature=0.9, top_p=0.95, seed=8)[0]
+    assert a.token_ids == b.token_ids
+    assert a.token_ids != c.token_ids
+
+
+def test_batched_greedy_equals_single(smol):
+    prompts = ["The capital of France is", "1, 2, 3, 4,", "Water boils at"]
+    batched = smol.generate(prompts, max_new_tokens=12, ignore_eos=True)
+    for p, r in zip(prompts, batched):
+        assert smol.generate(p, max_new_tokens=12, ignore_eos=True)[0].token_ids == r.token_ids
+
+
+def test_stream_equals_generate(smol):
+    full = smol.generate("Write a haiku about the sea.", max_new_tokens=24, chat=True)[0]
+    pieces = list(smol.stream("Write a haiku about the sea.", max_new_tokens=24, chat=True))
+    assert len(pieces) > 1
+    assert "".join(pieces) == full.text
+
+
+def test_stop_string_and_eos(smol):
+    r = smol.generate("1, 2, 3, 4, 5,", max_new_tokens=30, stop=[" 8"], ignore_eos=True)[0]
+    assert " 8" not in r.text and r.finish_reason == "stop"
+    chat = smol.generate("Say hello.", max_new_tokens=100, chat=True)[0]
+    assert chat.finish_reason == "stop" and chat.token_ids[-1] in smol._stop_ids(None)
+
+
+def test_chat_template_applied(smol):
+    ids = smol.encode("Hi", chat=True)
+    text = smol.tokenizer.decode(ids)
+    assert "<|im_start|>user" in text and text.rstrip().endswith("<|im_start|>assistant")
+
+
+def test_generate_ids_and_stats(smol):
+    ids = torch.tensor([smol.tokenizer("Hello")["input_ids"]])
+    out = smol.generate_ids(ids, max_new_tokens=5, ignore_eos=True)
+    assert out.shape == (1, ids.shape[1] + 5) and torch.equal(out[:, : ids.shape[1]], ids)
+    r = smol.generate("Hello", max_new_tokens=5, ignore_eos=True)[0]
+    assert r.stats["new_tokens"] == 5 and r.stats["prefill_s"] > 0
