@@ -88,15 +88,9 @@ class GGUFFile:
 
     # ---- metadata -------------------------------------------------------------------------------
     def get(self, key: str, default: Any = None) -> Any:
-        """One metadata value (str, int, float, bool or list of those); `default` when absent."""
-        f = self.reader.fields.get(key)
-        if f is None:
-            return default
-        from gguf import GGUFValueType
-
-        is_str = f.types[-1] == GGUFValueType.STRING
-        vals = [bytes(f.parts[i]).decode("utf-8") if is_str else f.parts[i].tolist()[0] for i in f.data]
-        return vals if f.types[0] == GGUFValueType.ARRAY else vals[0]
+        """One metadata value (str, int, float, bool or list of those); `default` when absent. Long string
+        arrays (the vocabulary, merges) are not decoded: they come back as a SkippedArray with a length."""
+        return self.reader.fields.get(key, default)
 
     def _arch(self, key: str, default: Any = None) -> Any:
         return self.get(f"{self.arch}.{key}", default)
@@ -121,7 +115,7 @@ class GGUFFile:
         head_dim = int(self._arch("attention.key_length") or hidden // heads)
         rope_theta = _f32(self._arch("rope.freq_base", 10000.0))
         embd = self._by_name.get("model.embed_tokens.weight")
-        n_tokens = len(self.reader.fields["tokenizer.ggml.tokens"].data) \
+        n_tokens = len(self.reader.fields["tokenizer.ggml.tokens"]) \
             if "tokenizer.ggml.tokens" in self.reader.fields else None
         vocab = self._arch("vocab_size") or (int(embd.shape[-1]) if embd is not None else n_tokens)
         eos = self.get("tokenizer.ggml.eos_token_id")
@@ -298,16 +292,15 @@ def _llama3_scaling(ratios: np.ndarray, theta: float, head_dim: int, orig: int |
 
 @functools.lru_cache(maxsize=2)
 def _open_cached(path: str, size: int, mtime_ns: int) -> GGUFFile:
-    # gguf's reader parses every token string in Python (~3 s for a 49k vocabulary): open once.
-    from gguf import GGUFReader
+    from .gguf_header import GGUFHeader
 
     try:
-        reader = GGUFReader(path)
+        reader = GGUFHeader(path)
     except Exception as e:  # the reader signals bad files with ValueError, IndexError, KeyError ...
         raise CorruptCheckpointError(
             f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); it is truncated or not GGUF. "
             f"Re-download it or re-convert it with llama.cpp's convert_hf_to_gguf.py") from e
-    end = max((t.data_offset + int(t.n_bytes) for t in reader.tensors), default=0)
+    end = reader.end
     if end > size:
         raise CorruptCheckpointError(
             f"{path} is truncated: its tensors end at byte {end} but the file has {size} bytes; "

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +48,25 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, low_bit
     return _DTYPES[dtype]
 
 
+def _load_tokenizer(path: str):
+    from .tokenizer import load_tokenizer
+    return load_tokenizer(path)
+
+
+def _background(fn, *args) -> Future:
+    """Run fn(*args) in a daemon thread; the Future re-raises its error where the result is asked for."""
+    fut: Future = Future()
+
+    def run() -> None:
+        try:
+            fut.set_result(fn(*args))
+        except BaseException as e:  # noqa: BLE001 - handed to whoever asks for the result
+            fut.set_exception(e)
+
+    threading.Thread(target=run, daemon=True, name="xpu-llm-tokenizer").start()
+    return fut
+
+
 class LLM:
     """Load once, generate many times. See README for the full API."""
 
@@ -55,6 +76,8 @@ class LLM:
         source = resolve_source(model)
         if low_bit not in ("auto", None):
             check_format(low_bit, group_size)
+        # The tokenizer (mostly the `transformers` import) loads in the background while weights stream in.
+        self._tokenizer_future = _background(_load_tokenizer, source.path)
         self.device = get_device(device)
         guess = None if low_bit is None else (low_bit if low_bit != "auto" else "sym_int4")
         self.dtype = resolve_dtype(dtype, self.device, guess)
@@ -78,8 +101,7 @@ class LLM:
         """The Hugging Face tokenizer of the model (loaded on first use; GGUF vocabularies are converted once
         and cached)."""
         if self._tokenizer is None:
-            from .tokenizer import load_tokenizer
-            self._tokenizer = load_tokenizer(self.source.path)
+            self._tokenizer = self._tokenizer_future.result()
         return self._tokenizer
 
     def _ensure_cache(self, batch: int) -> None:

@@ -84,6 +84,18 @@ def check_format(low_bit: str | None, group_size: int) -> None:
 
 # ---------------------------------------------------------------------------------------------- placement
 
+def meta_model(cfg: ModelConfig) -> Transformer:
+    """The module tree on the meta device, with no weight initialisation (it would be thrown away; and on
+    meta, `normal_` goes through a path that imports torch._dynamo, ~2.5 s of start-up)."""
+    saved = nn.Linear.reset_parameters, nn.Embedding.reset_parameters
+    nn.Linear.reset_parameters = nn.Embedding.reset_parameters = lambda self: None
+    try:
+        with torch.device("meta"):
+            return Transformer(cfg)
+    finally:
+        nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved
+
+
 def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, name = path.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, name, module)
@@ -144,8 +156,7 @@ class Loader:
 
     def __init__(self, cfg: ModelConfig, low_bit: str | None, group_size: int, dtype: torch.dtype,
                  device: torch.device, keep_native: bool) -> None:
-        with torch.device("meta"):
-            self.model = Transformer(cfg)
+        self.model = meta_model(cfg)
         self.cfg, self.low_bit, self.group_size, self.dtype, self.device = cfg, low_bit, group_size, dtype, device
         self.keep_native = keep_native
         self.pending: dict[str, dict[str, dict[int, Item]]] = {}

@@ -16,6 +16,7 @@ from .config import ModelConfig
 from .errors import CorruptCheckpointError, XpuLLMError
 from .lowbit.embedding import LowBitEmbedding
 from .lowbit.linear import LowBitLinear
+from .loading import meta_model
 from .model import Transformer
 
 MANIFEST = "xpu_llm.json"
@@ -100,8 +101,8 @@ def load_low_bit(path: str, dtype: torch.dtype, device: torch.device,
     if not os.path.isfile(weights):
         raise CorruptCheckpointError(f"{path} has no {WEIGHTS}; convert the model again")
     entries = read_header(weights)
+    model = meta_model(cfg)
     with torch.device("meta"):
-        model = Transformer(cfg)
         for name, m in manifest["modules"].items():
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, attr,
