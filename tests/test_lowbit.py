@@ -253,9 +253,17 @@ def _layer(name: str, n: int, g: int, bias: bool = True, seed: int = 0) -> LowBi
     return LowBitLinear.from_linear(lin, name, g)
 
 
+@pytest.fixture
+def kernels_always(monkeypatch):
+    """Every packed CPU kernel applies whatever the size (production thresholds keep small layers off some)."""
+    for name in ("INT4_MAX_M", "INT8_CHANNEL_MAX_M", "INT8_GROUPED_MAX_M"):
+        monkeypatch.setattr(cpu, name, 1 << 30)
+    monkeypatch.setattr(cpu, "INT8_GROUPED_MIN_ROWS_X_GROUP", 0)
+
+
 @pytest.mark.parametrize("name", LOW_BIT_NAMES)
 @pytest.mark.parametrize("g", GROUP_SIZES)
-def test_forward_matches_float64(name, g):
+def test_forward_matches_float64(name, g, kernels_always):
     for n in (192, 80):
         layer = _layer(name, n, g, seed=n + g)
         w = layer.dequantize_weight(torch.float64)
@@ -273,6 +281,18 @@ def test_forward_matches_float64(name, g):
     assert torch.allclose(layer(x64), x64 @ w.T + b, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("name", ["sym_int4", "nf4", "fp8_e5m2"])
+def test_dequant_matmul_row_blocks(name):
+    layer = _layer(name, 200, 64, bias=False)
+    x = torch.randn(3, K, generator=_gen(6))
+    ref = x.double() @ layer.dequantize_weight(torch.float64).T
+    for dt in (torch.float32, torch.float16, torch.bfloat16):
+        y = cpu.dequant_matmul(x.to(dt), layer.fmt, layer.tensors(), 64, chunk_elems=64 * K)  # 4 row blocks
+        assert y.dtype == dt and y.shape == (3, 200)
+        assert _rel(y, x.to(dt).double() @ layer.dequantize_weight(torch.float64).T) < (1e-6 if dt == torch.float32 else 2e-3)
+    assert _rel(cpu.dequant_matmul(x, layer.fmt, layer.tensors(), 64, chunk_elems=64 * K), ref) < 1e-6
+
+
 def test_int8_per_channel_path():
     layer = _layer("sym_int8", 96, K)  # group == K: one per-channel kernel call
     x = torch.randn(4, K, generator=_gen(3)).to(torch.bfloat16)
@@ -281,7 +301,7 @@ def test_int8_per_channel_path():
 
 
 @pytest.mark.parametrize("name", LOW_BIT_NAMES)
-def test_state_dict_safetensors_round_trip(name, tmp_path):
+def test_state_dict_safetensors_round_trip(name, tmp_path, kernels_always):
     g = 64
     layer = _layer(name, 80, g, seed=7)
     sd0 = {k: v.clone() for k, v in layer.state_dict().items()}
@@ -377,3 +397,31 @@ def test_quantize_linears(caplog):
     assert all(m.weight.dtype == torch.bfloat16 for m in dense.modules() if isinstance(m, nn.Linear))
     single = quantize_linears(nn.Linear(64, 16), "nf4", 32)
     assert isinstance(single, LowBitLinear)
+
+
+def test_lookup_tables_match_direct_conversion():
+    from xpu_llm.lowbit.formats import fp8_values
+    from xpu_llm.lowbit.packing import lookup_bytes, lookup_nibbles, nibbles_to_float
+    code = tuple(torch.randn(16, generator=_gen(8)).tolist())
+    for width in (6, 7):  # even byte count: 2 bytes per lookup; odd: 1
+        packed = torch.randint(0, 256, (3, width), generator=_gen(width), dtype=torch.uint8)
+        idx = unpack_nibbles(packed).long()
+        assert torch.equal(lookup_nibbles(packed, code), torch.tensor(code)[idx])
+        assert torch.equal(nibbles_to_float(packed), idx.float())
+        for fp8 in (torch.float8_e4m3fn, torch.float8_e5m2):
+            data = packed.view(fp8)  # every bit pattern, NaN and inf included
+            assert torch.equal(_bits(lookup_bytes(data, fp8_values(fp8))), _bits(data.float()))
+
+
+@pytest.mark.parametrize("name", ["sym_int4", "asym_int4", "sym_int8"])
+def test_prefill_after_decode_uses_canonical_weights(name):
+    """Large M takes the dequantize path; after the kernel dropped qweight it is rebuilt exactly for it."""
+    layer = _layer(name, 4096 if name == "sym_int8" else 64, 32, seed=9)  # 4096 rows: grouped int8 applies
+    w = layer.dequantize_weight(torch.float64)
+    b = layer.bias.double()
+    decode = torch.randn(1, 1, K, generator=_gen(1)).to(torch.bfloat16)
+    prefill = torch.randn(2, 40, K, generator=_gen(2)).to(torch.bfloat16)  # M = 80: above every kernel's limit
+    assert _rel(layer(decode), decode.double() @ w.T + b) < 2e-2
+    assert layer._kernel is not None and layer._buffers["qweight"] is None
+    assert _rel(layer(prefill), prefill.double() @ w.T + b) < 2e-2
+    assert layer._buffers["qweight"] is None  # still packed for the next decode step

@@ -1,7 +1,9 @@
-"""One dispatch for the low-bit matmul: the fastest kernel for the activation's device, dtype and the layer's
-format, falling back to the reference (dequantize + F.linear) wherever no faster kernel applies."""
+"""One dispatch for the low-bit matmul: the fastest path for the activation's device and dtype and the layer's
+format. CPU: packed int4/int8 kernels for bf16 where they win, else dequantize-to-float32 in cache-sized row
+blocks. Elsewhere (GPUs until the Triton kernels land, float64): the reference, dequantize + F.linear."""
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from ...device import is_cpu
@@ -9,18 +11,21 @@ from . import cpu, reference
 
 
 def select_kernel(layer, x2d: Tensor):
-    """The kernel object (see cpu.py) that `layer` should use for `x2d`, or None for the reference path."""
+    """The packed kernel object (see cpu.py) that `layer` uses for `x2d`, or None when it uses none."""
     if is_cpu(x2d.device):
-        return cpu.select(layer.low_bit, layer.out_features, layer.in_features, layer.group_size, x2d.dtype)
-    return None  # GPUs: Triton kernels are a later issue
+        return cpu.select(layer.low_bit, layer.out_features, layer.in_features, layer.group_size, x2d.dtype,
+                          x2d.shape[0])
+    return None
 
 
 def lowbit_matmul(x2d: Tensor, layer) -> Tensor:
-    """x2d [M, K] @ W.T -> [M, N] (no bias) for a LowBitLinear `layer`."""
+    """x2d [M, K] @ W.T -> [M, N] in x2d's dtype (no bias) for a LowBitLinear `layer`."""
     kernel = select_kernel(layer, x2d)
     if kernel is not None:
         state, q = layer.kernel_state(kernel)
         return kernel.mm(x2d, state, q, layer.group_size)
+    if is_cpu(x2d.device) and x2d.dtype != torch.float64:
+        return cpu.dequant_matmul(x2d, layer.fmt, layer.tensors(), layer.group_size)
     return reference.matmul(x2d, layer.fmt, layer.tensors(), layer.group_size)
 
 

@@ -8,6 +8,7 @@ import functools
 import logging
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..packing import pack_nibbles, unpack_nibbles
@@ -15,7 +16,18 @@ from ..packing import pack_nibbles, unpack_nibbles
 log = logging.getLogger(__name__)
 
 State = dict[str, Tensor]
-_KERNEL_DTYPES = (torch.bfloat16, torch.float16)
+# Only bf16: the x86 packed kernels vectorize bf16 alone; fp16/fp32 fall to scalar loops (10-30x slower than
+# dequant_matmul, measured), so those activations take the float32 dequant path.
+_KERNEL_DTYPES = (torch.bfloat16,)
+# Crossovers against dequant_matmul, measured on 2 AVX2 cores (tinygemm cost grows with M in blocks of 4, the
+# dequantize cost does not): int4 1536x576 bf16 M=16 kernel 398 us vs 655, M=64 1552 vs 1040.
+INT4_MAX_M = 32
+# int8 per-channel (group == K): one call; wins up to M=16 (1536x576: 538 us vs 657 at M=16, 2366 vs 1043 at 64).
+INT8_CHANNEL_MAX_M = 16
+# Grouped int8 = one call per group over an [N, g] slice: ~15 us of fixed cost per call, so it pays only when
+# N * g is large (49152x576 g32, M=1: 3.4-5 ms vs 10-25 ms dequantizing; 1536x576: 355 us vs 266) and M small.
+INT8_GROUPED_MIN_ROWS_X_GROUP = 1 << 17  # N * group_size; g32 -> N >= 4096
+INT8_GROUPED_MAX_M = 8
 
 
 def _has_op(name: str) -> bool:
@@ -80,10 +92,31 @@ def int4_pack(qweight: Tensor, chunk_rows: int = 4096) -> Tensor:
 
 
 def int4_unpack(packed: Tensor, n: int, k: int) -> Tensor:
-    """The kernel's packed uint8 -> canonical uint8 [N, K/2], bit-exact."""
+    """The kernel's packed uint8 -> canonical uint8 [N, K/2], bit-exact. Straight from byte pairs: with e, o the
+    bytes of input columns 2j, 2j+1, a row in the low nibbles gets (e & 15) | (o << 4), one in the high nibbles
+    (e >> 4) | (o & 0xF0), written into the transposed canonical rows (no code-level intermediate)."""
     layout = int4pack_layout()
     assert layout is not None, "int4pack layout unknown: cannot rebuild the canonical weight"
-    return pack_nibbles(_unpack_layout(packed, n, k, *layout))
+    block_n, split = layout
+    flat = packed.reshape(-1)
+    out = torch.empty(n, k // 2, dtype=torch.uint8, device=packed.device)
+    full = n // block_n
+    pieces = []  # (bytes [B, K/2, 2, W], canonical rows as [B, 2, W, K/2] or [B, W, 2, K/2], split?)
+    if full:
+        b = flat[: full * block_n * k // 2].view(full, k // 2, 2, block_n // 2)
+        rows = out[: full * block_n].view(full, 2, block_n // 2, k // 2) if split else \
+            out[: full * block_n].view(full, block_n // 2, 2, k // 2)
+        pieces.append((b, rows, split))
+    tail = n - full * block_n
+    if tail:
+        b = flat[full * block_n * k // 2:].view(1, k // 2, 2, tail // 2)
+        pieces.append((b, out[full * block_n:].view(1, tail // 2, 2, k // 2), False))
+    for b, rows, is_split in pieces:
+        e, o = b[:, :, 0], b[:, :, 1]  # [B, K/2, W]
+        lo_rows, hi_rows = (rows[:, 0], rows[:, 1]) if is_split else (rows[:, :, 0], rows[:, :, 1])
+        torch.bitwise_or(e & 0x0F, o << 4, out=lo_rows.transpose(1, 2))
+        torch.bitwise_or(e >> 4, o & 0xF0, out=hi_rows.transpose(1, 2))
+    return out
 
 
 class Int4Pack:
@@ -92,8 +125,8 @@ class Int4Pack:
     name = "int4pack"
 
     @staticmethod
-    def applies(low_bit: str, n: int, k: int, group_size: int, dtype: torch.dtype) -> bool:
-        return (HAS_INT4 and low_bit in ("sym_int4", "asym_int4") and dtype in _KERNEL_DTYPES
+    def applies(low_bit: str, n: int, k: int, group_size: int, dtype: torch.dtype, m: int) -> bool:
+        return (HAS_INT4 and low_bit in ("sym_int4", "asym_int4") and dtype in _KERNEL_DTYPES and m <= INT4_MAX_M
                 and n % 16 == 0 and k % group_size == 0 and group_size in (32, 64, 128, 256))
 
     @staticmethod
@@ -135,8 +168,12 @@ class Int8Pack:
     name = "int8pack"
 
     @staticmethod
-    def applies(low_bit: str, n: int, k: int, group_size: int, dtype: torch.dtype) -> bool:
-        return HAS_INT8 and low_bit == "sym_int8" and dtype in _KERNEL_DTYPES and k % group_size == 0
+    def applies(low_bit: str, n: int, k: int, group_size: int, dtype: torch.dtype, m: int) -> bool:
+        if not (HAS_INT8 and low_bit == "sym_int8" and dtype in _KERNEL_DTYPES and k % group_size == 0):
+            return False
+        if group_size == k:
+            return m <= INT8_CHANNEL_MAX_M
+        return m <= INT8_GROUPED_MAX_M and n * group_size >= INT8_GROUPED_MIN_ROWS_X_GROUP
 
     @staticmethod
     def droppable() -> bool:
@@ -174,12 +211,29 @@ class Int8Pack:
         return acc.to(x2d.dtype)
 
 
+# ------------------------------------------------------------------------------------------------ float32
+
+def dequant_matmul(x2d: Tensor, fmt, q: State, group_size: int, chunk_elems: int = 1 << 20) -> Tensor:
+    """x2d @ W.T in float32 whatever x's dtype (CPUs have no fast bf16/fp16 GEMM without AMX/AVX512-BF16),
+    W dequantized a block of rows at a time so that each block is still in cache when the GEMM reads it."""
+    xf = x2d.to(torch.float32)
+    n, k = q["scales"].shape[0], x2d.shape[1]
+    rows = max(64, chunk_elems // k)
+    if rows >= n:
+        return F.linear(xf, fmt.dequantize(q, group_size, torch.float32)).to(x2d.dtype)
+    out = torch.empty(n, x2d.shape[0], dtype=torch.float32)  # [N, M]: row blocks are contiguous
+    for r in range(0, n, rows):
+        w = fmt.dequantize({name: t[r:r + rows] for name, t in q.items()}, group_size, torch.float32)
+        torch.mm(w, xf.t(), out=out[r:r + rows])
+    return out.t().to(x2d.dtype).contiguous()
+
+
 KERNELS = (Int4Pack, Int8Pack)
 
 
-def select(low_bit: str, n: int, k: int, group_size: int, dtype: torch.dtype):
-    """The CPU kernel for this layer and activation dtype, or None for the reference path."""
+def select(low_bit: str, n: int, k: int, group_size: int, dtype: torch.dtype, m: int = 1):
+    """The packed CPU kernel for this layer and activation [m, k] dtype, or None (then dequant_matmul)."""
     for kern in KERNELS:
-        if kern.applies(low_bit, n, k, group_size, dtype):
+        if kern.applies(low_bit, n, k, group_size, dtype, m):
             return kern
     return None
