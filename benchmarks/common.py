@@ -1,0 +1,84 @@
+# (helpers imported by benchmarks/decode.py and benchmarks/ppl.py; not run on its own)
+"""Shared by the benchmark scripts: atomic writes, machine facts, memory, the group sizes a model really uses."""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import tempfile
+from typing import Any
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write `text` to `path` through a temp file in the same folder + os.replace (never a half-written file)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix="-" + os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def rss_mib() -> tuple[int, int]:
+    """(current, peak) resident memory of this process in MiB, from /proc (Linux) or getrusage."""
+    cur = peak = 0.0
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    cur = int(line.split()[1]) / 1024
+                elif line.startswith("VmHWM:"):
+                    peak = int(line.split()[1]) / 1024
+    except OSError:
+        import resource
+        peak = cur = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return round(cur), round(peak)
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=REPO, text=True, capture_output=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def machine_info(threads: int, peers: bool = True) -> dict[str, Any]:
+    """CPU model, cores, threads, library versions (transformers and llama_cpp only with `peers`: importing
+    them takes seconds) and the xpu-llm commit (dirty = tracked files modified)."""
+    import torch
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    info: dict[str, Any] = {"cpu": cpu, "cores": os.cpu_count(), "threads": threads, "torch": torch.__version__,
+                            "python": platform.python_version(), "platform": platform.platform()}
+    for mod in ("transformers", "llama_cpp") if peers else ():
+        try:
+            info[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001 - absent or broken: recorded as missing
+            info[mod] = None
+    info["xpu_llm_commit"] = _git("rev-parse", "--short", "HEAD") or None
+    info["xpu_llm_dirty"] = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    return info
+
+
+def model_groups(model: Any) -> int | str | None:
+    """The group size the quantized layers really use (the GGUF-native formats keep the file's 32 whatever
+    group was asked); 'a/b' when mixed, None when nothing is quantized."""
+    groups = sorted({m.group_size for m in model.modules()
+                     if getattr(m, "low_bit", None) and isinstance(getattr(m, "group_size", None), int)})
+    if not groups:
+        return None
+    return groups[0] if len(groups) == 1 else "/".join(str(g) for g in groups)

@@ -1,0 +1,78 @@
+"""Smoke tests of benchmarks/decode.py and benchmarks/ppl.py at tiny settings on the embedded SmolLM2: the
+scripts run, write JSON + markdown, and their numbers are finite and positive (no timing assertions)."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
+TEXT = ("The tower is 324 metres tall , about the same height as an 81 @-@ storey building , and the tallest "
+        "structure in Paris . Its base is square , measuring 125 metres on each side . During its construction "
+        "the Eiffel Tower surpassed the Washington Monument to become the tallest man @-@ made structure in the "
+        "world , a title it held for 41 years until the Chrysler Building in New York City was finished in 1930 .\r\n")
+
+
+def _run(script: str, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    p = subprocess.run([sys.executable, str(BENCH / script), "--threads", "2", *args], capture_output=True,
+                       text=True, timeout=240, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return p
+
+
+def _positive(x) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_decode_smoke(smollm2_path: str, tmp_path: Path) -> None:
+    out = tmp_path / "decode.json"
+    p = _run("decode.py", "--formats", "auto", "--new-tokens", "4", "--prompt-len", "8", "--repeats", "1",
+             "--no-peers", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert report["machine"]["cores"] >= 1 and report["settings"]["new_tokens"] == 4
+    (row,) = report["rows"]
+    assert "error" not in row, row
+    assert row["engine"] == "xpu-llm" and row["format"] == "auto" and row["group_size"] == 32
+    for k in ("decode_tokens_per_s", "ms_per_token", "prefill_ms", "weights_mib", "rss_mib"):
+        assert _positive(row[k]), (k, row[k])
+    assert len(row["tokens"]) == 4
+    assert (tmp_path / "decode.md").read_text() in p.stdout
+    assert "| xpu-llm | auto" in p.stdout
+
+
+def test_ppl_smoke(smollm2_path: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    # In-process (the script's main) to spare two interpreter + torch start-ups.
+    sys.path.insert(0, str(BENCH))
+    try:
+        import ppl
+    finally:
+        sys.path.remove(str(BENCH))
+    text = tmp_path / "small.txt"
+    text.write_bytes((TEXT * 3).encode())
+    out = tmp_path / "ppl.json"
+    args = ["--formats", "auto", "--groups", "32", "--window", "64", "--max-windows", "1", "--text", str(text),
+            "--out", str(out)]
+    assert ppl.main(args) == 0
+    printed = capsys.readouterr().out
+    report = json.loads(out.read_text())
+    (row,) = report["rows"]
+    assert row["key"] == "auto" and row["group"] == 32 and "GGUF-native" in row["label"] and row["windows"] == 1
+    assert row["tokens_scored"] == 63
+    assert _positive(row["perplexity"]) and row["perplexity"] < 1e4
+    assert row["delta_vs_dense"] is None  # no dense row in this run
+    assert "| auto = GGUF-native asym_int4 (group 32" in printed and (tmp_path / "ppl.md").read_text() in printed
+    assert ppl.main(args + ["--resume"]) == 0  # nothing left to run: the row is kept, not measured again
+    assert "0 rows to run, 1 kept" in capsys.readouterr().err
+    assert json.loads(out.read_text())["rows"] == [row]
+
+
+@pytest.mark.parametrize("script", ["decode.py", "ppl.py"])
+def test_scripts_start_with_their_command(script: str) -> None:
+    first = (BENCH / script).read_text().splitlines()[0]
+    assert first.startswith("# python benchmarks/" + script)
