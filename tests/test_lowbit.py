@@ -42,38 +42,35 @@ def _bits(t: torch.Tensor) -> torch.Tensor:
 
 def _random_canonical(name: str, n: int, k: int, g: int, seed: int = 0) -> dict[str, torch.Tensor]:
     """Random valid canonical tensors (every code, scales > 0) straight into the storage layout."""
-    gen = _gen(seed)
-    out = {}
+    gen, out = _gen(seed), {}
     for t, (shape, dt) in get_format(name).shapes(n, k, g).items():
-        if t == "qweight" and dt == torch.uint8:
-            out[t] = torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
-        elif t == "qweight" and dt == torch.int8:
-            out[t] = torch.randint(-127, 128, shape, generator=gen, dtype=torch.int8)
-        elif t == "qweight":  # fp8: random finite values
-            out[t] = (torch.randn(shape, generator=gen) * 8).to(dt)
-        elif t == "mins":
-            out[t] = (-torch.rand(shape, generator=gen)).to(dt)
-        else:
-            out[t] = (torch.rand(shape, generator=gen) * 0.1 + 1e-3).to(dt)
+        if t == "qweight" and not dt.is_floating_point:
+            lo, hi = (0, 256) if dt == torch.uint8 else (-127, 128)
+            out[t] = torch.randint(lo, hi, shape, generator=gen, dtype=dt)
+        else:  # fp8 codes: random finite values; mins < 0; scales > 0
+            r = torch.randn(shape, generator=gen) * 8 if t == "qweight" else torch.rand(shape, generator=gen)
+            out[t] = (-r if t == "mins" else r * 0.1 + 1e-3 if t == "scales" else r).to(dt)
     return out
+
+
+@pytest.fixture
+def kernels_always(monkeypatch):
+    """Every packed CPU kernel applies whatever the size (production thresholds keep small layers off some)."""
+    for name in ("INT4_MAX_M", "INT8_CHANNEL_MAX_M", "INT8_GROUPED_MAX_M"):
+        monkeypatch.setattr(cpu, name, 1 << 30)
+    monkeypatch.setattr(cpu, "INT8_GROUPED_MIN_ROWS_X_GROUP", 0)
 
 
 # ---------------------------------------------------------------------------------------------- registry
 
-def test_registry():
+def test_registry_and_unknown_format():
     assert LOW_BIT_NAMES == ("sym_int4", "asym_int4", "nf4", "fp4", "sym_int8", "fp8_e4m3", "fp8_e5m2")
-    assert GROUP_SIZES == (32, 64, 128)
+    assert GROUP_SIZES == (32, 64, 128) and get_format("SYM_INT4") is FORMATS["sym_int4"]
     for name, f in FORMATS.items():
-        assert get_format(name) is f and f.name == name
-        assert f.dense == (name in ("bf16", "fp16", "fp32"))
-    assert get_format("SYM_INT4") is FORMATS["sym_int4"]
-
-
-def test_unknown_format_lists_valid_names():
+        assert get_format(name) is f and f.name == name and f.dense == (name in ("bf16", "fp16", "fp32"))
     with pytest.raises(UnknownFormatError) as e:
         get_format("int3")
-    for name in FORMATS:
-        assert name in str(e.value)
+    assert all(name in str(e.value) for name in FORMATS)
     with pytest.raises(UnknownFormatError):
         LowBitLinear(64, 64, low_bit="q4_k")
 
@@ -96,22 +93,22 @@ def test_shapes_and_nbytes(name):
 def test_nibble_round_trip():
     codes = torch.randint(0, 16, (7, 3, 64), generator=_gen(1), dtype=torch.uint8)
     packed = pack_nibbles(codes)
-    assert packed.shape == (7, 3, 32) and packed.dtype == torch.uint8
-    assert torch.equal(unpack_nibbles(packed), codes)
+    assert packed.shape == (7, 3, 32) and packed.dtype == torch.uint8 and torch.equal(unpack_nibbles(packed), codes)
     assert torch.equal(packed[..., 0] & 0xF, codes[..., 0]) and torch.equal(packed[..., 0] >> 4, codes[..., 1])
     raw = torch.randint(0, 256, (5, 40), generator=_gen(2), dtype=torch.uint8)
-    assert torch.equal(pack_nibbles(unpack_nibbles(raw)), raw)
     q = torch.randint(-8, 8, (4, 32), generator=_gen(3))
+    assert torch.equal(pack_nibbles(unpack_nibbles(raw)), raw)
     assert torch.equal(unpack_nibbles(pack_int4_signed(q)).long() - 8, q)
 
 
 @pytest.mark.parametrize("name", LOW_BIT_NAMES)
 @pytest.mark.parametrize("g", GROUP_SIZES)
-def test_kernel_layout_round_trip(name, g):
+def test_kernel_layout_round_trip(name, g, kernels_always):
     """Random canonical tensors survive the kernel re-layout (prepare) bit for bit, rows stay independent."""
     n = 80  # not a multiple of 64: a tail block in the int4 layout
     q = _random_canonical(name, n, K, g, seed=g)
     layer = LowBitLinear.from_quantized({k: v.clone() for k, v in q.items()}, K, n, name, g).prepare(torch.bfloat16)
+    assert (layer._buffers["qweight"] is None) == (name in ("sym_int4", "asym_int4", "sym_int8"))
     got = layer.tensors()
     for t in q:
         assert torch.equal(_bits(got[t]), _bits(q[t])), (name, t)
@@ -126,9 +123,9 @@ def test_kernel_layout_round_trip(name, g):
 def test_int4pack_unpack_bit_exact(n, k):
     qweight = torch.randint(0, 256, (n, k // 2), generator=_gen(n), dtype=torch.uint8)
     packed = cpu.int4_pack(qweight)
-    ref = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(qweight[:256]).to(torch.int32), 2)
-    if n <= 256:
-        assert torch.equal(packed, ref)  # chunked packing == one call
+    if n <= 1536:  # packing in row chunks == one call
+        one = torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_nibbles(qweight).to(torch.int32), 2)
+        assert torch.equal(cpu.int4_pack(qweight, chunk_rows=64), one) and torch.equal(packed, one)
     assert torch.equal(cpu.int4_unpack(packed, n, k), qweight)
 
 
@@ -142,10 +139,8 @@ def test_quantize_error_bounded(name, g):
     for dt in (torch.float32, torch.bfloat16):
         q = f.quantize(w.to(dt), g)
         d = f.dequantize(q, g)
-        assert torch.isfinite(d).all()
-        assert _rel(d, w.to(dt)) <= REL_ERR[name]
-        assert torch.equal(d[0, :128], torch.zeros(128))
-        assert f.dequantize(q, g, torch.bfloat16).dtype == torch.bfloat16
+        assert torch.isfinite(d).all() and _rel(d, w.to(dt)) <= REL_ERR[name]
+        assert torch.equal(d[0, :128], torch.zeros(128)) and f.dequantize(q, g, torch.bfloat16).dtype == torch.bfloat16
     if name in ("sym_int4", "asym_int4", "sym_int8"):  # element-wise: within half a step of the group scale
         q = f.quantize(w, g)
         step = q["scales"].float().repeat_interleave(g, dim=1)
@@ -162,11 +157,8 @@ def test_int_formats_match_numpy_float64(g):
     """sym_int4 / asym_int4 / sym_int8 codes and scales recomputed independently in numpy."""
     w = _weight(64, K, seed=10 + g)
     x32 = w.numpy().reshape(64, K // g, g)
-    x = x32.astype(np.float64)
-    absmax = np.abs(x32).max(-1, keepdims=True)
-
-    def safe(s):
-        return np.where(s == 0, 1.0, s)
+    x, absmax = x32.astype(np.float64), np.abs(x32).max(-1, keepdims=True)
+    safe = lambda s: np.where(s == 0, 1.0, s)  # noqa: E731
 
     s = _np_fp16_scale(absmax, 7)
     codes = (np.clip(np.rint(x / safe(s)), -8, 7) + 8).astype(np.uint8).reshape(64, K)
@@ -210,36 +202,33 @@ def test_codebook_and_fp8_codes():
 
 # ---------------------------------------------------------------------------------------------- GGUF blocks
 
-def _q4_block(seed: int):
-    rng = np.random.default_rng(seed)
-    d, m = np.float16(rng.uniform(0.01, 0.1)), np.float16(rng.uniform(-1, 0))
-    qs = rng.integers(0, 256, 16, dtype=np.uint8)
-    elems = np.concatenate([qs & 0x0F, qs >> 4])  # GGUF: element j low nibble of byte j, j+16 high nibble
-    return d, m, qs, elems
-
-
-def test_gguf_q4_1_block_maps_to_asym_int4():
-    d, m, qs, elems = _q4_block(0)
-    block = np.concatenate([np.array([d, m], dtype=np.float16).view(np.uint8), qs])  # the 20 bytes of block_q4_1
-    d2, m2 = block[:4].view(np.float16)
-    codes = torch.from_numpy(np.concatenate([block[4:] & 0x0F, block[4:] >> 4]))  # re-lay: elements in order
-    q = {"qweight": pack_nibbles(codes.view(1, 32)), "scales": torch.tensor([[d2]]), "mins": torch.tensor([[m2]])}
-    ours = get_format("asym_int4").dequantize(q, 32, torch.float64).numpy()[0]
-    expected = float(d) * elems.astype(np.float64) + float(m)  # llama.cpp dequantize_row_q4_1
-    assert np.allclose(ours, expected, rtol=0, atol=1e-12)
-    layer = LowBitLinear.from_quantized(q, 32, 1, "asym_int4", 32)
-    x = torch.randn(1, 32, generator=_gen(0), dtype=torch.float64)
-    assert torch.allclose(layer(x)[0, 0], x[0] @ torch.from_numpy(expected), atol=1e-10)
-
-
-def test_gguf_q4_0_and_q8_0_blocks_map_exactly():
-    d, _, qs, elems = _q4_block(1)
-    q = {"qweight": pack_nibbles(torch.from_numpy(elems).view(1, 32)), "scales": torch.tensor([[d]])}
-    ours = get_format("sym_int4").dequantize(q, 32, torch.float64).numpy()[0]
-    assert np.array_equal(ours, float(d) * (elems.astype(np.float64) - 8))
-    qs8 = np.random.default_rng(2).integers(-127, 128, 32).astype(np.int8)
-    q = {"qweight": torch.from_numpy(qs8).view(1, 32), "scales": torch.tensor([[d]])}
-    assert np.array_equal(get_format("sym_int8").dequantize(q, 32, torch.float64).numpy()[0], float(d) * qs8)
+@pytest.mark.parametrize("qtype,low_bit", [("Q4_1", "asym_int4"), ("Q4_0", "sym_int4"), ("Q8_0", "sym_int8")])
+def test_gguf_blocks_map_exactly(qtype, low_bit):
+    """Hand-made GGUF blocks (fp16 d [, m], then codes; Q4: element j in the low nibble of byte j, j+16 in the
+    high nibble) re-laid into our canonical form dequantize exactly as the gguf package does."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize
+    rows, nblocks = 3, 4
+    rng = np.random.default_rng(0)
+    nhead = 4 if qtype == "Q4_1" else 2
+    head = np.stack([rng.uniform(0.01, 0.1, (rows, nblocks)), rng.uniform(-1, 0, (rows, nblocks))], -1)
+    head = head[..., : nhead // 2].astype(np.float16)  # d (and m)
+    body = rng.integers(0, 256, (rows, nblocks, 32 if qtype == "Q8_0" else 16), dtype=np.uint8)
+    if qtype == "Q8_0":
+        body[body == 128] = 129  # -128 is not a sym_int8 code
+    raw = np.concatenate([head.view(np.uint8), body], -1).reshape(rows, -1)
+    expected = dequantize(raw, getattr(GGMLQuantizationType, qtype))  # float32
+    q = {"scales": torch.from_numpy(np.ascontiguousarray(head[..., 0]))}
+    if qtype == "Q4_1":
+        q["mins"] = torch.from_numpy(np.ascontiguousarray(head[..., 1]))
+    if qtype == "Q8_0":
+        q["qweight"] = torch.from_numpy(body.view(np.int8).reshape(rows, -1))
+    else:  # elements in order, then our nibble packing
+        codes = torch.from_numpy(np.concatenate([body & 0x0F, body >> 4], -1)).reshape(rows, -1)
+        q["qweight"] = pack_nibbles(codes)
+    assert np.array_equal(get_format(low_bit).dequantize(q, 32).numpy(), expected)  # bit for bit in float32
+    layer = LowBitLinear.from_quantized(q, 32 * nblocks, rows, low_bit, 32)
+    assert np.array_equal(layer.dequantize_weight().numpy(), expected)
 
 
 # ---------------------------------------------------------------------------------------------- LowBitLinear
@@ -253,21 +242,12 @@ def _layer(name: str, n: int, g: int, bias: bool = True, seed: int = 0) -> LowBi
     return LowBitLinear.from_linear(lin, name, g)
 
 
-@pytest.fixture
-def kernels_always(monkeypatch):
-    """Every packed CPU kernel applies whatever the size (production thresholds keep small layers off some)."""
-    for name in ("INT4_MAX_M", "INT8_CHANNEL_MAX_M", "INT8_GROUPED_MAX_M"):
-        monkeypatch.setattr(cpu, name, 1 << 30)
-    monkeypatch.setattr(cpu, "INT8_GROUPED_MIN_ROWS_X_GROUP", 0)
-
-
 @pytest.mark.parametrize("name", LOW_BIT_NAMES)
 @pytest.mark.parametrize("g", GROUP_SIZES)
 def test_forward_matches_float64(name, g, kernels_always):
     for n in (192, 80):
         layer = _layer(name, n, g, seed=n + g)
-        w = layer.dequantize_weight(torch.float64)
-        b = layer.bias.double()
+        w, b = layer.dequantize_weight(torch.float64), layer.bias.double()
         for shape in ((1, K), (3, 5, K)):
             x = torch.randn(*shape, generator=_gen(g))
             for dt, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2), (torch.float16, 2e-2)):
@@ -281,23 +261,17 @@ def test_forward_matches_float64(name, g, kernels_always):
     assert torch.allclose(layer(x64), x64 @ w.T + b, rtol=1e-10, atol=1e-10)
 
 
-@pytest.mark.parametrize("name", ["sym_int4", "nf4", "fp8_e5m2"])
+@pytest.mark.parametrize("name", ["sym_int4", "asym_int4", "nf4", "fp8_e5m2"])
 def test_dequant_matmul_row_blocks(name):
     layer = _layer(name, 200, 64, bias=False)
-    x = torch.randn(3, K, generator=_gen(6))
-    ref = x.double() @ layer.dequantize_weight(torch.float64).T
-    for dt in (torch.float32, torch.float16, torch.bfloat16):
-        y = cpu.dequant_matmul(x.to(dt), layer.fmt, layer.tensors(), 64, chunk_elems=64 * K)  # 4 row blocks
-        assert y.dtype == dt and y.shape == (3, 200)
-        assert _rel(y, x.to(dt).double() @ layer.dequantize_weight(torch.float64).T) < (1e-6 if dt == torch.float32 else 2e-3)
-    assert _rel(cpu.dequant_matmul(x, layer.fmt, layer.tensors(), 64, chunk_elems=64 * K), ref) < 1e-6
-
-
-def test_int8_per_channel_path():
-    layer = _layer("sym_int8", 96, K)  # group == K: one per-channel kernel call
-    x = torch.randn(4, K, generator=_gen(3)).to(torch.bfloat16)
-    ref = x.double() @ layer.dequantize_weight(torch.float64).T + layer.bias.double()
-    assert _rel(layer(x), ref) < 2e-2 and layer._kernel is cpu.Int8Pack
+    w = layer.dequantize_weight(torch.float64)
+    if hasattr(layer.fmt, "dequantize_halves"):
+        even, odd = layer.fmt.dequantize_halves(layer.tensors(), 64)
+        assert torch.equal(even, w[:, 0::2].float()) and torch.equal(odd, w[:, 1::2].float())
+    for dt, tol in ((torch.float32, 1e-6), (torch.float16, 2e-3), (torch.bfloat16, 2e-3)):
+        x = torch.randn(3, K, generator=_gen(6)).to(dt)
+        y = cpu.dequant_matmul(x, layer.fmt, layer.tensors(), 64, chunk_elems=64 * K)  # 4 row blocks
+        assert y.dtype == dt and y.shape == (3, 200) and _rel(y, x.double() @ w.T) < tol
 
 
 @pytest.mark.parametrize("name", LOW_BIT_NAMES)
@@ -340,9 +314,9 @@ def test_meta_construction_and_asserts():
 def test_dtype_casts_keep_the_format():
     layer = _layer("fp8_e4m3", 32, 64)
     layer(torch.randn(1, K, dtype=torch.bfloat16))
-    layer.to(torch.bfloat16)
-    assert layer.qweight.dtype == torch.float8_e4m3fn and layer.scales.dtype == torch.float32
-    assert layer.bias.dtype == torch.bfloat16
+    layer.to(torch.bfloat16)  # a model-wide cast: fp8 codes and fp32 scales are part of the format
+    assert (layer.qweight.dtype, layer.scales.dtype, layer.bias.dtype) == (torch.float8_e4m3fn, torch.float32,
+                                                                           torch.bfloat16)
     layer = _layer("sym_int4", 32, 64).prepare(torch.bfloat16)
     assert layer._buffers["qweight"] is None
     layer.half()
@@ -352,10 +326,8 @@ def test_dtype_casts_keep_the_format():
 def test_keep_canonical_restores_qweight():
     layer = _layer("sym_int4", 64, 32).prepare(torch.bfloat16)
     assert layer._buffers["qweight"] is None
-    layer.keep_canonical = True
+    layer.keep_canonical = True  # what a tied LowBitEmbedding sets: it gathers rows of qweight
     assert layer.qweight is not None and torch.equal(layer.qweight, layer.tensors()["qweight"])
-    rows = layer.qweight.index_select(0, torch.tensor([1, 2]))  # what a tied LowBitEmbedding does
-    assert rows.shape == (2, K // 2)
     layer(torch.randn(1, K, dtype=torch.bfloat16))
     assert layer._buffers["qweight"] is not None
 
@@ -395,8 +367,7 @@ def test_quantize_linears(caplog):
     assert model.a.bias is not None and model.blocks[0][0].bias is None
     dense = quantize_linears(_Tiny(), "bf16", 64)
     assert all(m.weight.dtype == torch.bfloat16 for m in dense.modules() if isinstance(m, nn.Linear))
-    single = quantize_linears(nn.Linear(64, 16), "nf4", 32)
-    assert isinstance(single, LowBitLinear)
+    assert isinstance(quantize_linears(nn.Linear(64, 16), "nf4", 32), LowBitLinear)
 
 
 def test_lookup_tables_match_direct_conversion():
@@ -413,12 +384,12 @@ def test_lookup_tables_match_direct_conversion():
             assert torch.equal(_bits(lookup_bytes(data, fp8_values(fp8))), _bits(data.float()))
 
 
-@pytest.mark.parametrize("name", ["sym_int4", "asym_int4", "sym_int8"])
-def test_prefill_after_decode_uses_canonical_weights(name):
+@pytest.mark.parametrize("name,n,g", [("sym_int4", 64, 32), ("asym_int4", 64, 32), ("sym_int8", 4096, 32),
+                                      ("sym_int8", 96, K)])  # int8: grouped (N*g large enough), per-channel
+def test_prefill_after_decode_uses_canonical_weights(name, n, g):
     """Large M takes the dequantize path; after the kernel dropped qweight it is rebuilt exactly for it."""
-    layer = _layer(name, 4096 if name == "sym_int8" else 64, 32, seed=9)  # 4096 rows: grouped int8 applies
-    w = layer.dequantize_weight(torch.float64)
-    b = layer.bias.double()
+    layer = _layer(name, n, g, seed=9)
+    w, b = layer.dequantize_weight(torch.float64), layer.bias.double()
     decode = torch.randn(1, 1, K, generator=_gen(1)).to(torch.bfloat16)
     prefill = torch.randn(2, 40, K, generator=_gen(2)).to(torch.bfloat16)  # M = 80: above every kernel's limit
     assert _rel(layer(decode), decode.double() @ w.T + b) < 2e-2

@@ -40,6 +40,12 @@ def _groups(weight: Tensor, group_size: int) -> Tensor:
     return weight.detach().to(torch.float32).reshape(n, k // group_size, group_size)
 
 
+def _div(t: Tensor, c: float) -> Tensor:
+    """t / c correctly rounded on every device (GPUs turn a division by a Python scalar into a multiplication by
+    its inexact reciprocal, so float32 scales would differ by an ulp from the CPU's)."""
+    return t / torch.full_like(t, c)
+
+
 def _to_scale16(s: Tensor) -> Tensor:
     """float32 scale -> float16 (clamped to the fp16 range so that it never becomes inf)."""
     return s.clamp(max=_FP16_MAX).to(torch.float16)
@@ -103,11 +109,11 @@ class _Int4(LowBitFormat):
         x = _groups(weight, group_size)
         n, k = weight.shape
         if "mins" not in self.tensor_names:
-            s16 = _to_scale16(x.abs().amax(-1, keepdim=True) / 7)
+            s16 = _to_scale16(_div(x.abs().amax(-1, keepdim=True), 7))
             q = torch.round(x / _safe(s16.float())).clamp_(-8, 7).add_(8)
             return {"qweight": pack_nibbles(q.to(torch.uint8).view(n, k)), "scales": s16.squeeze(-1)}
         mn, mx = x.amin(-1, keepdim=True), x.amax(-1, keepdim=True)
-        s16 = _to_scale16((mx - mn) / 15)
+        s16 = _to_scale16(_div(mx - mn, 15))
         m16 = mn.clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16)
         q = torch.round((x - m16.float()) / _safe(s16.float())).clamp_(0, 15)
         return {"qweight": pack_nibbles(q.to(torch.uint8).view(n, k)), "scales": s16.squeeze(-1),
@@ -123,6 +129,23 @@ class _Int4(LowBitFormat):
         else:  # q * s is exact in float32 (4 x 11 bits): one rounding, as in a fused q * s + m
             w.mul_(s).add_(q["mins"].to(ct).unsqueeze(-1))
         return w.view(n, -1).to(dtype)
+
+
+    def dequantize_halves(self, q: dict[str, Tensor], group_size: int,
+                          dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
+        """(even, odd) input columns of the weight, each [N, K/2]: a matmul can split x into its even and odd
+        columns instead of interleaving W, which costs more than the rest of the dequantization on CPUs."""
+        ct = _compute_dtype(dtype)
+        qw = q["qweight"]
+        n = qw.shape[0]
+        s = q["scales"].to(ct).unsqueeze(-1)
+        m = q["mins"].to(ct).unsqueeze(-1) if "mins" in self.tensor_names else None
+        out = []
+        for codes in (qw & 0x0F, qw >> 4):
+            w = codes.to(ct).view(n, -1, group_size // 2)
+            w = w.sub_(8).mul_(s) if m is None else w.mul_(s).add_(m)
+            out.append(w.view(n, -1).to(dtype))
+        return out[0], out[1]
 
 
 @dataclass(frozen=True)
@@ -141,7 +164,7 @@ class _Codebook4(LowBitFormat):
     def quantize(self, weight: Tensor, group_size: int) -> dict[str, Tensor]:
         x = _groups(weight, group_size)
         n, k = weight.shape
-        s16 = _to_scale16(x.abs().amax(-1, keepdim=True) / self.absmax_div)
+        s16 = _to_scale16(_div(x.abs().amax(-1, keepdim=True), self.absmax_div))
         y = x / _safe(s16.float())
         if self.name == "fp4":
             mags = torch.tensor(FP4_MAGNITUDES, dtype=torch.float32, device=x.device)
@@ -170,7 +193,7 @@ class _SymInt8(LowBitFormat):
 
     def quantize(self, weight: Tensor, group_size: int) -> dict[str, Tensor]:
         x = _groups(weight, group_size)
-        s16 = _to_scale16(x.abs().amax(-1, keepdim=True) / 127)
+        s16 = _to_scale16(_div(x.abs().amax(-1, keepdim=True), 127))
         q = torch.round(x / _safe(s16.float())).clamp_(-127, 127)
         return {"qweight": q.to(torch.int8).view(weight.shape), "scales": s16.squeeze(-1)}
 
@@ -195,7 +218,7 @@ class _Fp8(LowBitFormat):
     def quantize(self, weight: Tensor, group_size: int) -> dict[str, Tensor]:
         x = _groups(weight, group_size)
         fmax = torch.finfo(self.fp8).max
-        s = x.abs().amax(-1, keepdim=True) / fmax
+        s = _div(x.abs().amax(-1, keepdim=True), fmax)
         q = (x / _safe(s)).clamp_(-fmax, fmax).to(self.fp8)
         return {"qweight": q.view(weight.shape), "scales": s.squeeze(-1)}
 

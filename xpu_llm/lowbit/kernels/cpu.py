@@ -215,16 +215,22 @@ class Int8Pack:
 
 def dequant_matmul(x2d: Tensor, fmt, q: State, group_size: int, chunk_elems: int = 1 << 20) -> Tensor:
     """x2d @ W.T in float32 whatever x's dtype (CPUs have no fast bf16/fp16 GEMM without AMX/AVX512-BF16),
-    W dequantized a block of rows at a time so that each block is still in cache when the GEMM reads it."""
+    W dequantized a block of rows at a time so that each block is still in cache when the GEMM reads it.
+    int4 formats dequantize even and odd columns apart and split x instead (no interleaving of W)."""
     xf = x2d.to(torch.float32)
     n, k = q["scales"].shape[0], x2d.shape[1]
+    halves = getattr(fmt, "dequantize_halves", None)
+    if halves is not None:
+        x_even, x_odd = xf[:, 0::2].t(), xf[:, 1::2].t()
     rows = max(64, chunk_elems // k)
-    if rows >= n:
-        return F.linear(xf, fmt.dequantize(q, group_size, torch.float32)).to(x2d.dtype)
-    out = torch.empty(n, x2d.shape[0], dtype=torch.float32)  # [N, M]: row blocks are contiguous
+    out = torch.empty(n, x2d.shape[0], dtype=torch.float32, device=x2d.device)  # [N, M]: row blocks contiguous
     for r in range(0, n, rows):
-        w = fmt.dequantize({name: t[r:r + rows] for name, t in q.items()}, group_size, torch.float32)
-        torch.mm(w, xf.t(), out=out[r:r + rows])
+        block = q if rows >= n else {name: t[r:r + rows] for name, t in q.items()}
+        if halves is None:
+            torch.mm(fmt.dequantize(block, group_size, torch.float32), xf.t(), out=out[r:r + rows])
+        else:
+            w_even, w_odd = halves(block, group_size, torch.float32)
+            torch.mm(w_even, x_even, out=out[r:r + rows]).addmm_(w_odd, x_odd)
     return out.t().to(x2d.dtype).contiguous()
 
 
