@@ -8,10 +8,9 @@ import functools
 import logging
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from ..packing import pack_nibbles, unpack_nibbles
+from ..packing import unpack_nibbles
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +24,7 @@ INT4_MAX_M = 32
 # int8 per-channel (group == K): one call; wins up to M=16 (1536x576: 538 us vs 657 at M=16, 2366 vs 1043 at 64).
 INT8_CHANNEL_MAX_M = 16
 # Grouped int8 = one call per group over an [N, g] slice: ~15 us of fixed cost per call, so it pays only when
-# N * g is large (49152x576 g32, M=1: 3.4-5 ms vs 10-25 ms dequantizing; 1536x576: 355 us vs 266) and M small.
+# N * g is large (49152x576 g32, M=1: 4-6 ms vs 10-15 ms dequantizing; 1536x576: 543 us vs 366) and M small.
 INT8_GROUPED_MIN_ROWS_X_GROUP = 1 << 17  # N * group_size; g32 -> N >= 4096
 INT8_GROUPED_MAX_M = 8
 
