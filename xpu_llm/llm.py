@@ -34,15 +34,13 @@ class GenerationResult:
     finish_reason: str = "length"  # "stop" when a stop token or stop string ended it
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device, low_bit: str | None) -> torch.dtype:
-    """'auto': bfloat16 on GPUs; on the CPU bfloat16 for low-bit formats (the packed kernels want it) and
-    float32 for dense weights."""
+def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """'auto': bfloat16 on GPUs, float32 on the CPU (CPUs without native bf16, e.g. AVX2, run bf16 elementwise
+    work many times slower; the packed low-bit matmuls still get bf16 activations, see LLM.__init__)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
-        if is_cpu(device):
-            return torch.float32 if low_bit is None else torch.bfloat16
-        return torch.bfloat16
+        return torch.float32 if is_cpu(device) else torch.bfloat16
     if dtype not in _DTYPES:
         raise XpuLLMError(f"dtype {dtype!r} is not supported; choose auto, {', '.join(_DTYPES)}")
     return _DTYPES[dtype]
@@ -79,12 +77,18 @@ class LLM:
         # The tokenizer (mostly the `transformers` import) loads in the background while weights stream in.
         self._tokenizer_future = _background(_load_tokenizer, source.path)
         self.device = get_device(device)
-        guess = None if low_bit is None else (low_bit if low_bit != "auto" else "sym_int4")
-        self.dtype = resolve_dtype(dtype, self.device, guess)
+        self.dtype = resolve_dtype(dtype, self.device)
         progress = progress if progress is not None else log.getEffectiveLevel() <= logging.INFO
         self.model, info = load_model(source, low_bit, group_size, self.dtype, self.device, progress=progress)
         self.model.eval()
         self.dtype = info["dtype"]  # a dense bf16/fp16 format sets the compute dtype
+        if dtype in (None, "auto") and is_cpu(self.device) and self.dtype == torch.float32:
+            # Fast by default: packed int4/int8 kernels in bf16 inside a float32 model. An explicit
+            # dtype=torch.float32 keeps every matmul exact (the reference numerics the tests use).
+            from .lowbit.linear import LowBitLinear
+            for m in self.model.modules():
+                if isinstance(m, LowBitLinear):
+                    m.kernel_dtype = torch.bfloat16
         self.config = info["config"]
         self.low_bit: str | None = info.get("low_bit")
         self.group_size = info.get("group_size")

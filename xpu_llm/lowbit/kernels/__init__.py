@@ -24,6 +24,15 @@ def lowbit_matmul(x2d: Tensor, layer) -> Tensor:
     if kernel is not None:
         state, q = layer.kernel_state(kernel)
         return kernel.mm(x2d, state, q, layer.group_size)
+    kd = getattr(layer, "kernel_dtype", None)
+    if kd is not None and kd != x2d.dtype and is_cpu(x2d.device):
+        # A float32 model may run its packed matmuls in 16 bits (LowBitLinear.kernel_dtype): the rest of the
+        # network stays float32, which on CPUs without native bf16 is much faster than a bf16 model.
+        xk = x2d.to(kd)
+        kernel = select_kernel(layer, xk)
+        if kernel is not None:
+            state, q = layer.kernel_state(kernel)
+            return kernel.mm(xk, state, q, layer.group_size).to(x2d.dtype)
     if is_cpu(x2d.device) and x2d.dtype != torch.float64:
         return cpu.dequant_matmul(x2d, layer.fmt, layer.tensors(), layer.group_size)
     return reference.matmul(x2d, layer.fmt, layer.tensors(), layer.group_size)
