@@ -9,13 +9,22 @@ import torch
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the weights as stored (packed low-bit tensors, scales, float parameters), each tensor once."""
+    """Bytes of the weights as stored (packed low-bit tensors and scales by their format, float parameters),
+    each tensor once; independent of kernel repacking."""
+    from .lowbit.embedding import LowBitEmbedding
+    from .lowbit.linear import LowBitLinear
     seen, total = set(), 0
-    for t in list(model.parameters()) + [b for n, b in model.named_buffers() if "cache" not in n and "rope" not in n]:
-        if t.data_ptr() in seen:
-            continue
-        seen.add(t.data_ptr())
-        total += t.numel() * t.element_size()
+    for m in model.modules():
+        if isinstance(m, LowBitLinear):
+            total += m.fmt.nbytes(m.out_features, m.in_features, m.group_size)
+            total += 0 if m.bias is None else m.bias.numel() * m.bias.element_size()
+        elif isinstance(m, LowBitEmbedding) and not m.tied:
+            total += sum(b.numel() * b.element_size() for b in m.buffers(recurse=False))
+        else:
+            for t in m.parameters(recurse=False):
+                if t.data_ptr() not in seen:
+                    seen.add(t.data_ptr())
+                    total += t.numel() * t.element_size()
     return total
 
 
