@@ -15,18 +15,8 @@ from xpu_llm.gguf_io import GROUP_SIZE, llama3_rope_factors, open_gguf
 
 
 @pytest.fixture(scope="module")
-def smol_path() -> str:
-    from xpu_llm.default_model import default_model_path
-
-    try:
-        return default_model_path()
-    except ModelNotFoundError as e:
-        pytest.skip(str(e))
-
-
-@pytest.fixture(scope="module")
-def smol(smol_path):
-    return open_gguf(smol_path)
+def smol(smollm2_path):
+    return open_gguf(smollm2_path)
 
 
 def dequant(kind: str, payload) -> torch.Tensor:
@@ -172,9 +162,9 @@ def test_not_gguf(tmp_path):
 
 
 @pytest.mark.slow
-def test_truncated(smol_path, tmp_path):
+def test_truncated(smollm2_path, tmp_path):
     cut = tmp_path / "cut.gguf"
-    with open(smol_path, "rb") as src, open(cut, "wb") as dst:
+    with open(smollm2_path, "rb") as src, open(cut, "wb") as dst:
         dst.write(src.read(10_000_000))
     with pytest.raises(CorruptCheckpointError, match="(?i)cut.gguf.*re-download"):
         open_gguf(cut)

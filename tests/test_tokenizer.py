@@ -12,30 +12,20 @@ TEXT = "Hello, world! The quick brown fox."
 
 
 @pytest.fixture(scope="module")
-def smol_path() -> str:
-    from xpu_llm.default_model import default_model_path
-
-    try:
-        return default_model_path()
-    except ModelNotFoundError as e:
-        pytest.skip(str(e))
-
-
-@pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> str:
     return str(tmp_path_factory.mktemp("tok-cache"))
 
 
 @pytest.fixture(scope="module")
-def tok(smol_path, cache):
-    return tk.load_tokenizer(smol_path, cache_dir=cache)
+def tok(smollm2_path, cache):
+    return tk.load_tokenizer(smollm2_path, cache_dir=cache)
 
 
 @pytest.mark.slow
-def test_matches_transformers_gguf_tokenizer(tok, smol_path):
+def test_matches_transformers_gguf_tokenizer(tok, smollm2_path):
     from transformers import AutoTokenizer
 
-    ref = AutoTokenizer.from_pretrained(os.path.dirname(smol_path), gguf_file=os.path.basename(smol_path),
+    ref = AutoTokenizer.from_pretrained(os.path.dirname(smollm2_path), gguf_file=os.path.basename(smollm2_path),
                                         local_files_only=True)
     assert tok(TEXT)["input_ids"] == ref(TEXT)["input_ids"]
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (1, 2, 2)
@@ -43,7 +33,7 @@ def test_matches_transformers_gguf_tokenizer(tok, smol_path):
 
 
 @pytest.mark.slow
-def test_cache_written_once_and_reused(tok, smol_path, cache, monkeypatch):
+def test_cache_written_once_and_reused(tok, smollm2_path, cache, monkeypatch):
     (entry,) = os.listdir(cache)  # one folder, no temp leftovers
     folder = os.path.join(cache, entry)
     mtime = os.stat(os.path.join(folder, "tokenizer.json")).st_mtime_ns
@@ -52,7 +42,7 @@ def test_cache_written_once_and_reused(tok, smol_path, cache, monkeypatch):
         raise AssertionError("converted again instead of loading the cache")
 
     monkeypatch.setattr(tk, "convert_gguf_tokenizer", no_conversion)
-    again = tk.load_tokenizer(smol_path, cache_dir=cache)
+    again = tk.load_tokenizer(smollm2_path, cache_dir=cache)
     assert again(TEXT)["input_ids"] == tok(TEXT)["input_ids"]
     assert again.padding_side == "left" and again.pad_token_id == 2
     assert os.listdir(cache) == [entry]

@@ -142,13 +142,18 @@ class Int4Pack:
 
     @staticmethod
     def mm(x2d: Tensor, state: State, q: State, group_size: int) -> Tensor:
-        key = f"sz.{x2d.dtype}"
-        sz = state.get(key)
-        if sz is None:
-            for other in [k for k in state if k.startswith("sz.")]:
-                del state[other]  # one activation dtype at a time
-            sz = state[key] = int4_scales_and_zeros(q["scales"], q.get("mins"), x2d.dtype)
+        sz = _per_dtype(state, "sz", x2d.dtype, lambda: int4_scales_and_zeros(q["scales"], q.get("mins"), x2d.dtype))
         return torch.ops.aten._weight_int4pack_mm_for_cpu(x2d.contiguous(), state["packed"], group_size, sz)
+
+
+def _per_dtype(state: State, prefix: str, dtype: torch.dtype, make) -> Tensor:
+    """Scales converted for one activation dtype, cached in the kernel state (one dtype at a time)."""
+    key = f"{prefix}.{dtype}"
+    if key not in state:
+        for other in [k for k in state if k.startswith(prefix + ".")]:
+            del state[other]
+        state[key] = make()
+    return state[key]
 
 
 def int4_scales_and_zeros(scales: Tensor, mins: Tensor | None, dtype: torch.dtype) -> Tensor:
@@ -192,12 +197,7 @@ class Int8Pack:
 
     @staticmethod
     def mm(x2d: Tensor, state: State, q: State, group_size: int) -> Tensor:
-        key = f"s.{x2d.dtype}"
-        s = state.get(key)
-        if s is None:
-            for other in [k for k in state if k.startswith("s.")]:
-                del state[other]
-            s = state[key] = q["scales"].t().to(x2d.dtype).contiguous()  # [G, N]
+        s = _per_dtype(state, "s", x2d.dtype, lambda: q["scales"].t().to(x2d.dtype).contiguous())  # [G, N]
         p = state["packed"]
         x2d = x2d.contiguous()
         if p.dim() == 2:
