@@ -12,14 +12,17 @@ import sys
 import tempfile
 
 CHILD = r"""
-import os, resource, sys, json, time
+import os, sys, json, time
+def hwm():  # peak RSS of this address space in KiB (ru_maxrss would carry the parent's peak across exec)
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("VmHWM"))
 sys.argv = ["xpu-llm", "convert", sys.argv[1], "--low-bit", sys.argv[2], "-o", sys.argv[3]]
 import torch, transformers, xpu_llm.llm, xpu_llm.tokenizer   # baseline: everything imported
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+base = hwm()
 t0 = time.perf_counter()
 from xpu_llm.cli import main
 rc = main(sys.argv[1:])
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = hwm()
 print(json.dumps({"rc": rc, "baseline_mib": base / 1024, "peak_mib": peak / 1024, "seconds": time.perf_counter() - t0}))
 """
 
@@ -36,7 +39,14 @@ def hf_folder(cache: str) -> str:
     folder, name = os.path.split(default_model_path())
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
     tmp = tempfile.mkdtemp(dir=cache)
-    model.save_pretrained(tmp)
+    # transformers will not save_pretrained a GGUF-loaded model: write the float tensors and config directly.
+    from safetensors.torch import save_file
+    state = {k: v.contiguous() for k, v in model.state_dict().items()
+             if not (k == "lm_head.weight" and model.config.tie_word_embeddings)}
+    save_file(state, os.path.join(tmp, "model.safetensors"), metadata={"format": "pt"})
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.save_pretrained(tmp)
     AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(tmp)
     os.replace(tmp, path)
     return path

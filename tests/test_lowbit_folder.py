@@ -46,3 +46,16 @@ def test_gguf_convert_and_reload(smollm2_path, tmp_path):
     a = llm.generate("Name a colour.", max_new_tokens=8, chat=True)[0].text
     b = again.generate("Name a colour.", max_new_tokens=8, chat=True)[0].text
     assert a == b and a
+
+
+@pytest.mark.parametrize("low_bit", ["sym_int4", "asym_int4", "nf4", "sym_int8", "fp8_e4m3"])
+def test_chunked_quantization_is_identical(low_bit):
+    """The loader quantizes large matrices in row chunks (bounded temporaries); the codes must not change."""
+    from xpu_llm.loading import quantize_rows
+    from xpu_llm.lowbit.formats import get_format
+    w = torch.randn(1000, 64, generator=torch.Generator().manual_seed(0))
+    whole = get_format(low_bit).quantize(w, 32)
+    chunked = quantize_rows(low_bit, w, 32, chunk=96)
+    for k in whole:
+        assert torch.equal(whole[k].view(torch.uint8) if whole[k].element_size() == 1 else whole[k],
+                           chunked[k].view(torch.uint8) if chunked[k].element_size() == 1 else chunked[k]), k

@@ -25,7 +25,7 @@ from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from . import safetensors_io
 from .errors import XpuLLMError
-from .loading import check_format, resolve_source
+from .loading import check_format, quantize_rows, resolve_source
 from .lowbit.formats import LowBitFormat, get_format
 from .lowbit.linear import LowBitLinear, quantize_linears
 
@@ -141,7 +141,8 @@ def _load_tensor(modules: dict[str, nn.Module], name: str, entry: safetensors_io
         if entry.shape != (mod.out_features, mod.in_features):
             raise XpuLLMError(f"{name}: checkpoint shape {entry.shape} does not match the config's "
                               f"{(mod.out_features, mod.in_features)}; is config.json from this checkpoint?")
-        mod.load_state_dict(fmt.quantize(safetensors_io.read_tensor(entry), group_size), assign=True, strict=False)
+        mod.load_state_dict(quantize_rows(fmt.name, safetensors_io.read_tensor(entry), group_size), assign=True,
+                                strict=False)
         return True
     target = mod._parameters.get(local, mod._buffers.get(local))
     if target is None:

@@ -116,9 +116,19 @@ def _make_linear(weight: Tensor | None, q: dict[str, Tensor] | None, bias: Tenso
         if bias is not None:
             lin.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
         return lin
-    q = get_format(low_bit).quantize(weight, group_size)
+    q = quantize_rows(low_bit, weight, group_size)
     return LowBitLinear.from_quantized(q, in_f, out_f, low_bit, group_size,
                                        bias=None if bias is None else bias.to(dtype))
+
+
+def quantize_rows(low_bit: str, weight: Tensor, group_size: int, chunk: int = 4096) -> dict[str, Tensor]:
+    """Quantize `chunk` rows at a time (rows are independent, so the result is identical): the temporaries of
+    quantizing stay a few MiB instead of several copies of the largest matrix (embeddings, lm_head)."""
+    fmt = get_format(low_bit)
+    if weight.shape[0] <= chunk:
+        return fmt.quantize(weight, group_size)
+    parts = [fmt.quantize(weight[r:r + chunk], group_size) for r in range(0, weight.shape[0], chunk)]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
 @dataclass
