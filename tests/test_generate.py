@@ -82,3 +82,26 @@ def test_generate_ids_and_stats(smol):
     assert out.shape == (1, ids.shape[1] + 5) and torch.equal(out[:, : ids.shape[1]], ids)
     r = smol.generate("Hello", max_new_tokens=5, ignore_eos=True)[0]
     assert r.stats["new_tokens"] == 5 and r.stats["prefill_s"] > 0
+
+
+@pytest.mark.parametrize("stride", [64, 32])
+def test_perplexity_matches_direct_computation(smol, stride):
+    """Sliding-window perplexity against a direct float64 computation of the same windows."""
+    import math
+
+    import torch.nn.functional as F
+
+    from xpu_llm.perplexity import perplexity
+    text = "The quick brown fox jumps over the lazy dog. " * 40
+    res = perplexity(smol, text, window=64, stride=stride, max_windows=3, progress=False)
+    ids = smol.tokenizer(text, add_special_tokens=False)["input_ids"]
+    nll, n = 0.0, 0
+    for k in range(3):
+        chunk = torch.tensor(ids[k * stride:k * stride + 64])
+        logp = smol.logits(chunk.unsqueeze(0))[0, :-1].double().log_softmax(-1)
+        first = 0 if k == 0 else max(64 - stride - 1, 0)  # disjoint windows score every target
+        tgt = chunk[1:][first:]
+        nll -= logp[first:].gather(1, tgt.unsqueeze(1)).sum().item()
+        n += tgt.numel()
+    assert res["tokens_scored"] == n == 63 + 2 * (63 if stride == 64 else stride)
+    assert abs(res["perplexity"] - math.exp(nll / n)) < 1e-3 * res["perplexity"]

@@ -39,7 +39,9 @@ def perplexity(llm, text: str, window: int = 512, stride: int | None = None, max
         chunk = torch.tensor(ids[s:s + window]).unsqueeze(0)
         logits = llm.logits(chunk)[0, :-1]
         targets = chunk[0, 1:].to(logits.device)
-        scored = slice(0, None) if k == 0 else slice(window - stride - 1, None)  # window's first pass scores all
+        # targets[j] is token j+1 of the window; with overlapping windows the first window-stride tokens were
+        # scored by the previous window, so score targets j >= window-stride-1 (all of them when disjoint).
+        scored = slice(0, None) if k == 0 else slice(max(window - stride - 1, 0), None)
         losses = F.cross_entropy(logits[scored], targets[scored], reduction="sum")
         nll += float(losses)
         count += int(targets[scored].numel())
