@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,7 @@ from .lowbit.embedding import LowBitEmbedding
 from .lowbit.formats import GROUP_SIZES, get_format
 from .lowbit.linear import LowBitLinear
 from .model import Transformer
+from .shard_io import Shard, read_columns, slice_columns
 
 log = logging.getLogger(__name__)
 
@@ -84,16 +85,24 @@ def check_format(low_bit: str | None, group_size: int) -> None:
 
 # ---------------------------------------------------------------------------------------------- placement
 
-def meta_model(cfg: ModelConfig) -> Transformer:
+def meta_model(cfg: ModelConfig, shard: Shard | None = None) -> Transformer:
     """The module tree on the meta device, with no weight initialisation (it would be thrown away; and on
-    meta, `normal_` goes through a path that imports torch._dynamo, ~2.5 s of start-up)."""
+    meta, `normal_` goes through a path that imports torch._dynamo, ~2.5 s of start-up). With a `shard`, only
+    its layers (renumbered from 0), and no embedding / lm_head where the shard has none."""
     saved = nn.Linear.reset_parameters, nn.Embedding.reset_parameters
     nn.Linear.reset_parameters = nn.Embedding.reset_parameters = lambda self: None
     try:
         with torch.device("meta"):
-            return Transformer(cfg)
+            model = Transformer(cfg)
     finally:
         nn.Linear.reset_parameters, nn.Embedding.reset_parameters = saved
+    if shard is not None:
+        model.layers = nn.ModuleList(model.layers[i] for i in shard.layers)
+        if not shard.embed:
+            model.tok_embeddings = None
+        if not shard.head:
+            model.output = None
+    return model
 
 
 def _set_module(model: nn.Module, path: str, module: nn.Module) -> None:
@@ -165,8 +174,12 @@ class Loader:
     """Streams (hf_name, Item) pairs into a meta-built Transformer."""
 
     def __init__(self, cfg: ModelConfig, low_bit: str | None, group_size: int, dtype: torch.dtype,
-                 device: torch.device, keep_native: bool) -> None:
-        self.model = meta_model(cfg)
+                 device: torch.device, keep_native: bool, shard: Shard | None = None,
+                 prepare: Callable[[Transformer], None] | None = None) -> None:
+        self.shard = shard if shard is not None else Shard(range(cfg.n_layers))
+        self.model = meta_model(cfg, shard)
+        if prepare is not None:  # e.g. tensor parallel: local head counts and slice sizes on the meta modules
+            prepare(self.model)
         self.cfg, self.low_bit, self.group_size, self.dtype, self.device = cfg, low_bit, group_size, dtype, device
         self.keep_native = keep_native
         self.pending: dict[str, dict[str, dict[int, Item]]] = {}
@@ -194,8 +207,10 @@ class Loader:
                 log.debug("ignoring tensor %s", hf_name)
             return
         i, part, pname = m.groups()
+        if int(i) not in self.shard.layers:
+            return
         path, idx = _LAYER_PARTS[part]
-        full = f"layers.{i}.{path}"
+        full = f"layers.{int(i) - self.shard.layers.start}.{path}"
         if path not in _LINEARS:
             self._put_param(full, "weight", item.to_float(self.dtype))
             return
@@ -228,57 +243,111 @@ class Loader:
 
     def finish(self) -> Transformer:
         """Place embedding and head (tied or not) and check that every tensor arrived."""
-        cfg = self.cfg
-        if self.embed is None:
+        cfg, shard = self.cfg, self.shard
+        tied = cfg.tie_word_embeddings or (self.head is None and shard.head)
+        if self.embed is None and (shard.embed or (shard.head and tied)):
             raise XpuLLMError("the checkpoint has no token embedding (model.embed_tokens.weight)")
-        tied = cfg.tie_word_embeddings or self.head is None
-        head_item = self.embed if tied else self.head
-        use_q = head_item.q is not None and self.keep_native
-        weight = None if use_q else head_item.to_float(torch.float32)
-        fmt, g = (head_item.low_bit, head_item.group_size) if use_q else (self.low_bit, self.group_size)
-        head = _make_linear(weight, head_item.q if use_q else None, None, cfg.dim, cfg.vocab_size, fmt, g,
-                            self.dtype, "output")
-        self.model.output = head
-        if tied and isinstance(head, LowBitLinear):
-            self.model.tok_embeddings = LowBitEmbedding(head.low_bit, head.group_size, self.dtype, tied_to=head)
-        elif tied:
-            self.model.tok_embeddings.weight = head.weight
-        elif self.embed.q is not None and self.keep_native:
-            self.model.tok_embeddings = LowBitEmbedding(self.embed.low_bit, self.embed.group_size, self.dtype,
-                                                        tensors=self.embed.q)
-        else:
-            self.model.tok_embeddings.weight = nn.Parameter(self.embed.to_float(self.dtype), requires_grad=False)
+        head = None
+        if shard.head or (shard.embed and tied):
+            head = self._head(self.embed if tied else self.head)
+        if shard.head:
+            self.model.output = head
+        if shard.embed:
+            self._place_embedding(head if tied else None)
         missing = [n for n, t in list(self.model.named_parameters()) + list(self.model.named_buffers())
                    if t.is_meta]
         if missing or self.pending:
             raise XpuLLMError(f"the checkpoint is incomplete: no data for {(missing + list(self.pending))[:6]} ...")
         return self.model
 
+    def _head(self, item: Item) -> nn.Module:
+        """The lm_head (also what a tied embedding reads its rows from) from its item, this rank's rows."""
+        use_q = item.q is not None and self.keep_native
+        weight = None if use_q else item.to_float(torch.float32)
+        fmt, g = (item.low_bit, item.group_size) if use_q else (self.low_bit, self.group_size)
+        return _make_linear(weight, item.q if use_q else None, None, self.cfg.dim, item.rows(), fmt, g,
+                            self.dtype, "output")
+
+    def _place_embedding(self, tied_head: nn.Module | None) -> None:
+        """Tied: the head's rows (quantized or not), tied to it when the head lives here too (a pipeline's first
+        stage without the head keeps its own copy of the same values)."""
+        if isinstance(tied_head, LowBitLinear):
+            if self.model.output is tied_head:
+                self.model.tok_embeddings = LowBitEmbedding(tied_head.low_bit, tied_head.group_size, self.dtype,
+                                                            tied_to=tied_head)
+            else:
+                self.model.tok_embeddings = LowBitEmbedding(tied_head.low_bit, tied_head.group_size, self.dtype,
+                                                            tensors=tied_head.tensors())
+        elif tied_head is not None:
+            self._set_embedding(tied_head.weight)
+        elif self.embed.q is not None and self.keep_native:
+            self.model.tok_embeddings = LowBitEmbedding(self.embed.low_bit, self.embed.group_size, self.dtype,
+                                                        tensors=self.embed.q)
+        else:
+            self._set_embedding(nn.Parameter(self.embed.to_float(self.dtype), requires_grad=False))
+
+    def _set_embedding(self, weight: nn.Parameter) -> None:
+        emb = self.model.tok_embeddings
+        emb.weight = weight
+        emb.num_embeddings = weight.shape[0]
+
 
 # ---------------------------------------------------------------------------------------------- sources
 
-def _hf_items(folder: str) -> Iterator[tuple[str, Item]]:
+def _hf_items(folder: str, shard: Shard, tied: bool) -> Iterator[tuple[str, Item]]:
     from .safetensors_io import checkpoint_index, read_tensor
     for name, entry in sorted(checkpoint_index(folder).items(), key=lambda kv: (kv[1].file, kv[1].start)):
-        yield name, Item(weight=read_tensor(entry))
+        if not shard.wants(name, tied):
+            continue
+        sl = shard.slice(name)
+        if sl is None:
+            t = read_tensor(entry)
+        elif sl.dim == 0:
+            t = read_tensor(entry, rows=(sl.start, sl.stop))
+        else:
+            t = read_columns(entry, sl.start, sl.stop)
+        yield name, Item(weight=t)
 
 
-def _gguf_items(gf: Any) -> Iterator[tuple[str, Item]]:
-    for name, kind, payload in gf.tensors():
+def _gguf_items(gf: Any, shard: Shard, tied: bool) -> Iterator[tuple[str, Item]]:
+    for name, _, shape in gf.tensor_info():
+        if not shard.wants(name, tied):
+            continue
+        sl = shard.slice(name)
+        if sl is None:
+            kind, payload = gf.tensor(name)
+        elif sl.dim == 0:
+            kind, payload = gf.rows(name, sl.start, sl.stop)
+        else:  # GGUF stores whole rows of blocks: read the rows, keep the columns (one tensor at a time)
+            kind, payload = gf.tensor(name)
+            payload = (payload[:, sl.start:sl.stop].contiguous() if kind == "dense"
+                       else slice_columns(payload, shape[1], sl.start, sl.stop))
         if kind == "dense":
             yield name, Item(weight=payload)
         else:
             yield name, Item(q=payload, low_bit=kind, group_size=32)
 
 
-def load_model(source: Source, low_bit: str | None | object, group_size: int, dtype: torch.dtype,
-               device: torch.device, progress: bool = True) -> tuple[Transformer, dict[str, Any]]:
-    """The model and a dict of facts about the load (format used, config source)."""
-    from tqdm.auto import tqdm
+@dataclass
+class Opened:
+    """A checkpoint's config and the format it will load in, known before any tensor is read."""
+    source: Source
+    config: ModelConfig
+    low_bit: str | None      # None: dense in `dtype`
+    keep_native: bool        # GGUF blocks copied as they are
+    dtype: torch.dtype | None  # set by a dense 16/32-bit format
+    tied: bool               # the lm_head is the embedding
+    names: list[str]
 
-    if source.kind == "lowbit":
-        from .lowbit_folder import load_low_bit
-        return load_low_bit(source.path, dtype, device, progress)
+    def cut_unit(self, group_size: int) -> int:
+        """Granularity of input-feature cuts that keep quantization groups whole (1 for dense weights)."""
+        if self.low_bit is None:
+            return 1
+        return max(32, group_size) if self.keep_native else group_size  # GGUF blocks are 32 wide
+
+
+def open_checkpoint(source: Source, low_bit: str | None | object, group_size: int) -> Opened:
+    """Read the config and tensor names of an HF folder or GGUF file and resolve the format ('auto', dense)."""
     if source.kind == "gguf":
         from .gguf_io import open_gguf
         gf = open_gguf(source.path)
@@ -286,19 +355,46 @@ def load_model(source: Source, low_bit: str | None | object, group_size: int, dt
         native = gf.file_type_name()
         fmt = (native or "sym_int4") if low_bit == "auto" else low_bit
         keep_native = fmt == native
-        items, total = _gguf_items(gf), len(gf.tensor_info())
-    else:
+        names = [n for n, _, _ in gf.tensor_info()]
+    elif source.kind == "hf":
         cfg = ModelConfig.from_json_file(os.path.join(source.path, "config.json"))
         fmt = "sym_int4" if low_bit == "auto" else low_bit
         keep_native = False
         from .safetensors_io import checkpoint_index
-        total = len(checkpoint_index(source.path))
-        items = _hf_items(source.path)
+        names = list(checkpoint_index(source.path))
+    else:
+        raise XpuLLMError(f"{source.path} is an xpu-llm low-bit folder, which loads whole; for tensor or pipeline "
+                          "parallel runs give the original Hugging Face folder or GGUF file")
     check_format(fmt, group_size)
+    dtype = None
     if fmt is not None and get_format(fmt).dense:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[fmt]
         fmt = None
-    loader = Loader(cfg, fmt, group_size, dtype, device, keep_native)
+    tied = cfg.tie_word_embeddings or "lm_head.weight" not in names
+    return Opened(source, cfg, fmt, keep_native, dtype, tied, names)
+
+
+def load_model(source: Source, low_bit: str | None | object, group_size: int, dtype: torch.dtype,
+               device: torch.device, progress: bool = True, shard: Shard | None = None,
+               prepare: Callable[[Transformer], None] | None = None) -> tuple[Transformer, dict[str, Any]]:
+    """The model and a dict of facts about the load (format used, config source). With a `shard` (tensor /
+    pipeline parallel), only that part: its layers, its slices, each quantized after slicing; `prepare` reshapes
+    the meta model to the shard's sizes before the tensors stream in."""
+    from tqdm.auto import tqdm
+
+    if source.kind == "lowbit" and shard is None:
+        from .lowbit_folder import load_low_bit
+        return load_low_bit(source.path, dtype, device, progress)
+    op = open_checkpoint(source, low_bit, group_size)
+    cfg, fmt, dtype = op.config, op.low_bit, op.dtype or dtype
+    part = shard if shard is not None else Shard(range(cfg.n_layers))
+    if source.kind == "gguf":
+        from .gguf_io import open_gguf
+        items = _gguf_items(open_gguf(source.path), part, op.tied)
+    else:
+        items = _hf_items(source.path, part, op.tied)
+    total = sum(part.wants(n, op.tied) for n in op.names)
+    loader = Loader(cfg, fmt, group_size, dtype, device, op.keep_native, shard, prepare)
     desc = f"loading {os.path.basename(source.path.rstrip('/'))}" + (f" as {fmt}" if fmt else "")
     for name, item in tqdm(items, total=total, desc=desc, unit="tensor", disable=not progress, leave=False):
         loader.add(name, item)

@@ -1,0 +1,97 @@
+"""One rank of a multi-card test (started by parallel_ranks.run_ranks): runs the jobs of a spec with
+xpu_llm.LLM(..., tp=, pp=) and saves what it computed to OUT_DIR/rank{R}.pt.
+
+    python parallel_worker.py SPEC.json OUT_DIR
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+
+def vm_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def reset_peak() -> None:
+    """Restart VmHWM at the current resident size (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def padded(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    t = max(map(len, prompts))
+    ids = torch.tensor([[pad_id] * (t - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (t - len(p)) + [1] * len(p) for p in prompts])
+    return ids, mask
+
+
+def inject_failure(llm, after_calls: int) -> None:
+    """Make this rank's first local layer raise on its `after_calls`-th call (mid-generation)."""
+    layer = llm.model.layers[0]
+    calls = [0]
+    original = layer.forward
+
+    def failing(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] >= after_calls:
+            raise RuntimeError(f"injected failure on rank {os.environ['RANK']}")
+        return original(*args, **kwargs)
+
+    layer.forward = failing
+
+
+def run_job(job: dict) -> dict:
+    from xpu_llm import LLM
+    low_bit = job.get("low_bit")
+    llm = LLM(job["model"], low_bit=low_bit, group_size=job.get("group_size", 32), dtype=torch.float32,
+              device="cpu", max_seq_len=job.get("max_seq_len", 64), tp=job["tp"], pp=job["pp"], progress=False)
+    if job.get("fail_rank") == int(os.environ["RANK"]):
+        inject_failure(llm, job.get("fail_after", 3))
+    out = {"info": {"tp": llm.parallel.grid.tp, "pp": llm.parallel.grid.pp,
+                    "stage_layers": llm.parallel.info["stage_layers"]}}
+    for b in job.get("batches", [1, 3]):
+        ids, mask = padded(job["prompts"][:b])
+        out[f"logits{b}"] = llm.logits(ids, attention_mask=mask)
+        out[f"greedy{b}"] = llm.generate_ids(ids, max_new_tokens=job.get("new_tokens", 32), attention_mask=mask,
+                                             ignore_eos=True)
+    if job.get("sample"):
+        ids, mask = padded(job["prompts"][:3])
+        out["sampled"] = llm.generate_ids(ids, max_new_tokens=8, attention_mask=mask, ignore_eos=True,
+                                          temperature=0.8, top_k=20)
+    return out
+
+
+def load_memory(job: dict) -> dict:
+    """Peak resident memory while loading (VmHWM after restarting it just before the load), in KiB."""
+    from xpu_llm.loading import resolve_source
+    from xpu_llm.parallel.engine import load_parallel
+    from xpu_llm.parallel.dist import init_distributed
+    init_distributed("cpu")
+    source = resolve_source(job["model"])
+    reset_peak()
+    before = vm_kib("VmRSS")
+    load_parallel(source, job.get("low_bit"), 64, torch.float32, "cpu", job["tp"], job["pp"], 64, progress=False)
+    return {"peak_kib": vm_kib("VmHWM") - before}
+
+
+def main() -> None:
+    spec_path, out_dir = sys.argv[1], sys.argv[2]
+    with open(spec_path) as f:
+        spec = json.load(f)
+    torch.set_num_threads(1)
+    results = {}
+    for job in spec["jobs"]:
+        results[job["name"]] = load_memory(job) if job.get("memory") else run_job(job)
+    torch.save(results, os.path.join(out_dir, f"rank{os.environ['RANK']}.pt"))
+
+
+if __name__ == "__main__":
+    main()
