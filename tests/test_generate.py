@@ -15,11 +15,15 @@ def smol(smollm2_path):
     return LLM(smollm2_path, low_bit=None, dtype=torch.float32, device="cpu", max_seq_len=256)
 
 
-def test_lowbit_bf16_generates_sensible_text(smollm2_path):
-    llm = LLM(smollm2_path, device="cpu", max_seq_len=128)  # the file's asym_int4; float32 model, bf16 packed kernels
+def test_default_fast_path_generates_sensible_text(smollm2_path):
+    # The file's asym_int4 in a float32 model with the fast CPU path (int8 activations where the native kernels
+    # build, else bf16 packed kernels). "What is the capital of France?" is no test here: at 135M parameters,
+    # llama.cpp's int8 activations already flip that answer (to "L'Étoile, ..."), and ours reproduce it.
+    llm = LLM(smollm2_path, device="cpu", max_seq_len=128)
     assert llm.low_bit == "asym_int4" and llm.dtype == torch.float32
-    text = llm.generate("What is the capital of France?", max_new_tokens=16, chat=True)[0].text
-    assert "Paris" in text
+    assert "Paris" in llm.generate([{"role": "user", "content": "Which city is the capital of France?"}],
+                                   max_new_tokens=12)[0].text
+    assert llm.generate("One, two, three, four,", max_new_tokens=8)[0].text.startswith(" five, six, seven")
 
 
 def test_sample_filters():

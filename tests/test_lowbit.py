@@ -12,7 +12,7 @@ from torch import nn
 
 from xpu_llm.errors import UnknownFormatError
 from xpu_llm.lowbit import FORMATS, GROUP_SIZES, LOW_BIT_NAMES, LowBitLinear, get_format, quantize_linears
-from xpu_llm.lowbit.kernels import cpu
+from xpu_llm.lowbit.kernels import cpu, cpu_native
 from xpu_llm.lowbit.packing import pack_int4_signed, pack_nibbles, unpack_nibbles
 
 K = 256  # divisible by every group size
@@ -53,12 +53,31 @@ def _random_canonical(name: str, n: int, k: int, g: int, seed: int = 0) -> dict[
     return out
 
 
+@pytest.fixture(params=["native", "torch"])
+def kernels_always(request, monkeypatch):
+    """Each family of CPU kernels in turn: the native AVX2 one, then PyTorch's packed ones (what runs where the
+    native one cannot be built); each applies whatever the size (production thresholds keep some layers off)."""
+    if request.param == "native":
+        if not cpu_native.available():
+            pytest.skip("the native CPU kernel cannot be built on this machine")
+        monkeypatch.setattr(cpu_native, "MAX_M", 1 << 30)
+    else:
+        monkeypatch.setattr(cpu_native, "available", lambda: False)
+        for name in ("INT4_MAX_M", "INT8_CHANNEL_MAX_M", "INT8_GROUPED_MAX_M"):
+            monkeypatch.setattr(cpu, name, 1 << 30)
+        monkeypatch.setattr(cpu, "INT8_GROUPED_MIN_ROWS_X_GROUP", 0)
+    return request.param
+
+
 @pytest.fixture
-def kernels_always(monkeypatch):
-    """Every packed CPU kernel applies whatever the size (production thresholds keep small layers off some)."""
-    for name in ("INT4_MAX_M", "INT8_CHANNEL_MAX_M", "INT8_GROUPED_MAX_M"):
-        monkeypatch.setattr(cpu, name, 1 << 30)
-    monkeypatch.setattr(cpu, "INT8_GROUPED_MIN_ROWS_X_GROUP", 0)
+def torch_kernels(monkeypatch):
+    """PyTorch's packed kernels, as where the native one cannot be built (they re-lay and drop qweight)."""
+    monkeypatch.setattr(cpu_native, "available", lambda: False)
+
+
+def _drops_canonical(name: str, kernels: str) -> bool:
+    """Whether a prepared layer holds only the kernel's re-laid copy of qweight (PyTorch's int4/int8 packs)."""
+    return kernels == "torch" and name in ("sym_int4", "asym_int4", "sym_int8")
 
 
 # ---------------------------------------------------------------------------------------------- registry
@@ -108,7 +127,7 @@ def test_kernel_layout_round_trip(name, g, kernels_always):
     n = 80  # not a multiple of 64: a tail block in the int4 layout
     q = _random_canonical(name, n, K, g, seed=g)
     layer = LowBitLinear.from_quantized({k: v.clone() for k, v in q.items()}, K, n, name, g).prepare(torch.bfloat16)
-    assert (layer._buffers["qweight"] is None) == (name in ("sym_int4", "asym_int4", "sym_int8"))
+    assert (layer._buffers["qweight"] is None) == _drops_canonical(name, kernels_always)
     got = layer.tensors()
     for t in q:
         assert torch.equal(_bits(got[t]), _bits(q[t])), (name, t)
@@ -255,8 +274,9 @@ def test_forward_matches_float64(name, g, kernels_always):
                 y = layer(xd)
                 assert y.dtype == dt and y.shape == (*shape[:-1], n)
                 assert _rel(y, xd.double() @ w.T + b) < tol, (name, g, n, shape, dt)
-        if name in ("sym_int4", "asym_int4", "sym_int8"):
-            assert layer._kernel is not None and layer._buffers["qweight"] is None  # canonical copy dropped
+        if kernels_always == "native" or name in ("sym_int4", "asym_int4", "sym_int8"):
+            assert layer._kernel is not None  # a kernel ran, not the dequantize fallback
+        assert (layer._buffers["qweight"] is None) == _drops_canonical(name, kernels_always)
     x64 = torch.randn(2, K, generator=_gen(1), dtype=torch.float64)
     assert torch.allclose(layer(x64), x64 @ w.T + b, rtol=1e-10, atol=1e-10)
 
@@ -311,7 +331,7 @@ def test_meta_construction_and_asserts():
     assert "low_bit=asym_int4, group_size=32" in repr(layer)
 
 
-def test_dtype_casts_keep_the_format():
+def test_dtype_casts_keep_the_format(torch_kernels):
     layer = _layer("fp8_e4m3", 32, 64)
     layer(torch.randn(1, K, dtype=torch.bfloat16))
     layer.to(torch.bfloat16)  # a model-wide cast: fp8 codes and fp32 scales are part of the format
@@ -323,7 +343,7 @@ def test_dtype_casts_keep_the_format():
     assert layer.qweight.dtype == torch.uint8 and layer.scales.dtype == torch.float16 and layer._kernel is None
 
 
-def test_keep_canonical_restores_qweight():
+def test_keep_canonical_restores_qweight(torch_kernels):
     layer = _layer("sym_int4", 64, 32).prepare(torch.bfloat16)
     assert layer._buffers["qweight"] is None
     layer.keep_canonical = True  # what a tied LowBitEmbedding sets: it gathers rows of qweight
@@ -386,7 +406,7 @@ def test_lookup_tables_match_direct_conversion():
 
 @pytest.mark.parametrize("name,n,g", [("sym_int4", 64, 32), ("asym_int4", 64, 32), ("sym_int8", 4096, 32),
                                       ("sym_int8", 96, K)])  # int8: grouped (N*g large enough), per-channel
-def test_prefill_after_decode_uses_canonical_weights(name, n, g):
+def test_prefill_after_decode_uses_canonical_weights(name, n, g, torch_kernels):
     """Large M takes the dequantize path; after the kernel dropped qweight it is rebuilt exactly for it."""
     layer = _layer(name, n, g, seed=9)
     w, b = layer.dequantize_weight(torch.float64), layer.bias.double()
@@ -396,3 +416,47 @@ def test_prefill_after_decode_uses_canonical_weights(name, n, g):
     assert layer._kernel is not None and layer._buffers["qweight"] is None
     assert _rel(layer(prefill), prefill.double() @ w.T + b) < 2e-2
     assert layer._buffers["qweight"] is None  # still packed for the next decode step
+
+
+@pytest.mark.skipif(not cpu_native.available(), reason="the native CPU kernel cannot be built on this machine")
+@pytest.mark.parametrize("name", LOW_BIT_NAMES)
+def test_native_decode_then_prefill_keeps_its_state(name):
+    """Decode (native kernel) and prefill (dequantize + GEMM) alternate without re-packing or dropping qweight."""
+    layer = _layer(name, 64, 32, seed=10)
+    w, b = layer.dequantize_weight(torch.float64), layer.bias.double()
+    for _ in range(2):
+        for m in (1, cpu_native.MAX_M, cpu_native.MAX_M + 1, 80):
+            x = torch.randn(m, K, generator=_gen(m))
+            assert _rel(layer(x), x.double() @ w.T + b) < 1e-5, (name, m)
+        kernel, state = layer._kernel, layer._state
+        assert isinstance(kernel, cpu_native.NativeLowBit) and layer._buffers["qweight"] is not None
+    assert layer._kernel is kernel and layer._state is state  # prepared once
+
+
+def _int8_blocks(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to int8 per block of 32 (scale absmax / 127, round half to even), back in float64: what the
+    integer kernels multiply by, computed independently."""
+    m, k = x.shape
+    b = x.double().view(m, k // 32, 32)
+    amax = b.abs().amax(-1, keepdim=True)
+    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    return (torch.round(b * inv) * (amax / 127)).view(m, k)
+
+
+@pytest.mark.skipif(not cpu_native.available(), reason="the native CPU kernel cannot be built on this machine")
+@pytest.mark.parametrize("name", ["sym_int4", "asym_int4", "fp4", "sym_int8"])
+@pytest.mark.parametrize("g", GROUP_SIZES)
+def test_native_int8_activations_match_reference(name, g):
+    """kernel_dtype=int8 (the fast default of LLM on CPUs): exact weights times int8-rounded activations."""
+    layer = _layer(name, 80, g, seed=11)
+    layer.kernel_dtype = torch.int8
+    w, b = layer.dequantize_weight(torch.float64), layer.bias.double()
+    for m in (1, 3, 5, cpu_native.MAX_M):
+        x = torch.randn(m, K, generator=_gen(m)) * torch.linspace(0.1, 3, K)  # uneven channel magnitudes
+        x[0, 7] = 0.0
+        y = layer(x)
+        assert layer._kernel.int8_activations
+        assert _rel(y, _int8_blocks(x) @ w.T + b) < 1e-5, (name, g, m)
+        assert _rel(y, x.double() @ w.T + b) < 2e-2  # and close to the float result
+    x = torch.randn(cpu_native.MAX_M + 1, K, generator=_gen(0))  # above the kernel's rows: exact dequant path
+    assert _rel(layer(x), x.double() @ w.T + b) < 1e-5

@@ -17,6 +17,7 @@ from .device import get_device, is_cpu
 from .errors import GenerationInputError, XpuLLMError
 from .generate import GenerationStats, SamplingParams, generate_tokens
 from .loading import check_format, load_model, resolve_source
+from .lowbit.kernels.cpu_native import available as native_cpu
 
 log = logging.getLogger(__name__)
 
@@ -82,13 +83,8 @@ class LLM:
         self.model, info = load_model(source, low_bit, group_size, self.dtype, self.device, progress=progress)
         self.model.eval()
         self.dtype = info["dtype"]  # a dense bf16/fp16 format sets the compute dtype
-        if dtype in (None, "auto") and is_cpu(self.device) and self.dtype == torch.float32:
-            # Fast by default: packed int4/int8 kernels in bf16 inside a float32 model. An explicit
-            # dtype=torch.float32 keeps every matmul exact (the reference numerics the tests use).
-            from .lowbit.linear import LowBitLinear
-            for m in self.model.modules():
-                if isinstance(m, LowBitLinear):
-                    m.kernel_dtype = torch.bfloat16
+        if is_cpu(self.device) and self.dtype == torch.float32:
+            self._speed_up_cpu(exact=dtype not in (None, "auto"))
         self.config = info["config"]
         self.low_bit: str | None = info.get("low_bit")
         self.group_size = info.get("group_size")
@@ -100,6 +96,20 @@ class LLM:
         self._tokenizer = None
 
     # ------------------------------------------------------------------------------------------ basics
+    def _speed_up_cpu(self, exact: bool) -> None:
+        """CPU, float32 model: fused native decode ops, and unless `exact` (an explicit dtype=float32, the
+        reference numerics the tests use) low-bit matmuls on int8 activations (llama.cpp's Q8 approach), or
+        where the native library cannot be built, PyTorch's packed int4/int8 kernels on bf16 activations."""
+        from .cpu_decode import apply_cpu_decode
+        from .lowbit.linear import LowBitLinear
+        apply_cpu_decode(self.model)  # no-op without the native library
+        if exact:
+            return
+        kernel_dtype = torch.int8 if native_cpu() else torch.bfloat16
+        for m in self.model.modules():
+            if isinstance(m, LowBitLinear):
+                m.kernel_dtype = kernel_dtype
+
     @property
     def tokenizer(self):
         """The Hugging Face tokenizer of the model (loaded on first use; GGUF vocabularies are converted once

@@ -54,8 +54,9 @@ class LowBitLinear(nn.Module):
         self._kernel = None  # the CPU kernel whose state is prepared (kernels/cpu.py), if any
         self._state: dict[str, Tensor] | None = None
         self._keep_canonical = False
-        # Activation dtype for the packed CPU kernels when they do not take x's dtype (None: compute in x's
-        # dtype, exactly). LLM(dtype="auto") sets bfloat16 on float32 CPU models.
+        # Activation precision for the CPU kernels when it may differ from x's dtype (None: compute in x's
+        # dtype, exactly): torch.int8 = the native integer path (activations rounded to int8 per block of 32),
+        # torch.bfloat16 = PyTorch's packed kernels. LLM(dtype="auto") sets one on float32 CPU models.
         self.kernel_dtype: torch.dtype | None = None
 
     # ------------------------------------------------------------------------------------------ construction

@@ -1,18 +1,22 @@
 """One dispatch for the low-bit matmul: the fastest path for the activation's device and dtype and the layer's
-format. CPU: packed int4/int8 kernels for bf16 where they win, else dequantize-to-float32 in cache-sized row
-blocks. Elsewhere (GPUs until the Triton kernels land, float64): the reference, dequantize + F.linear."""
+format. CPU: the native AVX2 kernel (cpu_native) for up to cpu_native.MAX_M rows, dequantize-to-float32 in
+cache-sized row blocks above that; where the native kernel cannot be built, PyTorch's packed int4/int8 kernels
+for bf16. Elsewhere (GPUs until the Triton kernels land, float64): the reference, dequantize + F.linear."""
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
 from ...device import is_cpu
-from . import cpu, reference
+from . import cpu, cpu_native, reference
 
 
 def select_kernel(layer, x2d: Tensor):
     """The packed kernel object (see cpu.py) that `layer` uses for `x2d`, or None when it uses none."""
     if is_cpu(x2d.device):
+        if cpu_native.available():  # then only it or dequant_matmul, so a layer never thrashes between layouts
+            return cpu_native.select(layer.low_bit, layer.out_features, layer.in_features, layer.group_size,
+                                     x2d.dtype, x2d.shape[0], getattr(layer, "kernel_dtype", None) == torch.int8)
         return cpu.select(layer.low_bit, layer.out_features, layer.in_features, layer.group_size, x2d.dtype,
                           x2d.shape[0])
     return None
@@ -25,7 +29,7 @@ def lowbit_matmul(x2d: Tensor, layer) -> Tensor:
         state, q = layer.kernel_state(kernel)
         return kernel.mm(x2d, state, q, layer.group_size)
     kd = getattr(layer, "kernel_dtype", None)
-    if kd is not None and kd != x2d.dtype and is_cpu(x2d.device):
+    if kd is not None and kd.is_floating_point and kd != x2d.dtype and is_cpu(x2d.device):
         # A float32 model may run its packed matmuls in 16 bits (LowBitLinear.kernel_dtype): the rest of the
         # network stays float32, which on CPUs without native bf16 is much faster than a bf16 model.
         xk = x2d.to(kd)
@@ -38,4 +42,4 @@ def lowbit_matmul(x2d: Tensor, layer) -> Tensor:
     return reference.matmul(x2d, layer.fmt, layer.tensors(), layer.group_size)
 
 
-__all__ = ["lowbit_matmul", "select_kernel", "cpu", "reference"]
+__all__ = ["lowbit_matmul", "select_kernel", "cpu", "cpu_native", "reference"]
