@@ -31,11 +31,14 @@ class StageRunner:
     """One rank's part of the model with a KV cache per micro-batch slot."""
 
     def __init__(self, model: Transformer, grid: Grid, max_seq_len: int, dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, graphs: bool = False) -> None:
         self.model, self.grid, self.dtype, self.device = model, grid, dtype, device
         self.max_seq_len = max_seq_len
         model.setup_caches(1, max_seq_len, dtype=dtype, device=device)  # RoPE tables (+ a batch-1 cache)
         self.caches: dict[int, list[KVCache]] = {}
+        # Experimental (GPUs): replay each micro-batch slot's decode step from a captured accelerator graph.
+        self.graphs = graphs and device.type != "cpu"
+        self.graphed: dict[int, _GraphedStep] = {}
 
     # ------------------------------------------------------------------------------------------ caches
     def use_slot(self, slot: int, batch: int) -> None:
@@ -43,6 +46,7 @@ class StageRunner:
         caches = self.caches.get(slot)
         if caches is None or caches[0].k_cache.shape[0] < batch:
             self.caches.pop(slot, None)
+            self.graphed.pop(slot, None)
             caches = [KVCache(batch, layer.attention.n_kv_heads, self.max_seq_len, layer.attention.head_dim,
                               self.dtype, self.device) for layer in self.model.layers]
             self.caches[slot] = caches
@@ -76,6 +80,15 @@ class StageRunner:
             h = h[:, -1:]
         return m.output(m.norm(h))
 
+    def decode(self, slot: int, x: Tensor, pos: int, pad: Tensor | None) -> Tensor:
+        """One decode step of micro-batch slot `slot` at cache position `pos` (after use_slot(slot, ...))."""
+        if not self.graphs:
+            return self.forward(x, torch.tensor([pos], device=self.device), pad, pos + 1, last_only=True)
+        step = self.graphed.get(slot)
+        if step is None or not step.matches(x, pad):
+            step = self.graphed[slot] = _GraphedStep(self, x, pos, pad)
+        return step(x, pos)
+
     @torch.inference_mode()
     def logits(self, ids: Tensor, pad: Tensor | None) -> Tensor:
         """One full forward of [B, T] ids through all stages; [B, T, V] float32 on every rank."""
@@ -108,6 +121,7 @@ class StageRunner:
 @dataclass
 class _MicroBatch:
     rows: range
+    pad: Tensor | None      # left padding of its rows (one tensor for the whole generation)
     count: int = 0          # tokens recorded so far (each row's, finished rows included)
     finished: bool = False
 
@@ -128,7 +142,9 @@ class _Ring:
         self.batch = make_batch(self.prompts, self.pad_id, r.device)
         b, self.t = self.batch.tokens.shape
         n_mb = min(b, grid.pp)
-        self.mbs = [_MicroBatch(range(*split(b, n_mb, i))) for i in range(n_mb)]
+        rows = [range(*split(b, n_mb, i)) for i in range(n_mb)]
+        pad = self.batch.pad
+        self.mbs = [_MicroBatch(r, None if pad is None else pad[r.start:r.stop]) for r in rows]
         self.width = max(len(mb.rows) for mb in self.mbs)
         self.out, self.done = [[] for _ in range(b)], [False] * b
         self.stops = set(self.params.stop_token_ids)
@@ -180,15 +196,12 @@ class _Ring:
     def _compute(self, kind: int, mb: int, x: Tensor, tokens: list[int] | None,
                  flags: list[bool] | None) -> tuple[Tensor, Tensor | None]:
         r, micro = self.runner, self.mbs[mb]
-        rows = slice(micro.rows.start, micro.rows.stop)
         r.use_slot(mb, len(micro.rows))
-        pad = None if self.batch.pad is None else self.batch.pad[rows]
+        pad = micro.pad
         if kind == PREFILL:
-            pos, kv_len = torch.arange(self.t, device=r.device), self.t
+            y = r.forward(x, torch.arange(self.t, device=r.device), pad, self.t, last_only=True)
         else:
-            p = self.t + micro.count - 1
-            pos, kv_len = torch.tensor([p], device=r.device), p + 1
-        y = r.forward(x, pos, pad, kv_len, last_only=True)
+            y = r.decode(mb, x, self.t + micro.count - 1, pad)
         if self.grid.last:
             new = sample(y[:, -1], self.params, self.gen).tolist()
             return self._ctrl(TOKENS, mb, new, [False] * len(new)), None
@@ -262,6 +275,40 @@ class _Ring:
         t_first = t_first or t_end
         self.stats.prefill_s, self.stats.decode_s = t_first - t0, t_end - t_first
         return self.out, self.stats
+
+
+class _GraphedStep:
+    """A decode step captured once into an accelerator graph (torch.accelerator.Graph) and replayed: static
+    input, position and output buffers; attention runs over all cache slots with the causal mask (kv_len=None),
+    so one graph serves every position. Tensor-parallel collectives are captured with it."""
+
+    def __init__(self, runner: StageRunner, x: Tensor, pos: int, pad: Tensor | None) -> None:
+        # The warm-up and the capture run the real step (same input, same position): they rewrite the very cache
+        # entries that the first replay writes again.
+        self.x, self.pad = x.clone(), pad
+        self.pos = torch.full((1,), pos, dtype=torch.long, device=runner.device)
+
+        def step() -> Tensor:
+            return runner.forward(self.x, self.pos, self.pad, None, last_only=True)
+
+        stream = torch.Stream(device=runner.device)
+        stream.wait_stream(torch.accelerator.current_stream(runner.device))
+        with stream:
+            step()  # warm-up outside the graph (lazy initialisations, kernel autotuning)
+        torch.accelerator.current_stream(runner.device).wait_stream(stream)
+        self.graph = torch.accelerator.Graph()
+        with stream, self.graph:
+            self.out = step()
+        torch.accelerator.current_stream(runner.device).wait_stream(stream)
+
+    def matches(self, x: Tensor, pad: Tensor | None) -> bool:
+        return x.shape == self.x.shape and x.dtype == self.x.dtype and pad is self.pad
+
+    def __call__(self, x: Tensor, pos: int) -> Tensor:
+        self.x.copy_(x)
+        self.pos.fill_(pos)
+        self.graph.replay()
+        return self.out
 
 
 def _swap(sends: list[tuple[Tensor, int]], recvs: list[tuple[Tensor, int]]) -> None:

@@ -315,3 +315,35 @@ def total_bytes(cfg: ModelConfig, budget: Budget) -> int:
 
 __all__ = ["Budget", "Placement", "CardUse", "PRESETS", "preset_config", "parse_bytes", "estimate", "choose",
            "best_for_cards", "stage_layers", "plan_table", "total_bytes", "GiB"]
+
+
+def model_config(model: str | None, low_bit: str | None, group_size: int) -> tuple[ModelConfig, str | None, int]:
+    """(config, resolved format, group) for a preset name or a checkpoint path (None: the embedded SmolLM2)."""
+    if model is not None and model.strip().lower() in PRESETS:
+        fmt = "sym_int4" if low_bit == "auto" else low_bit
+        return preset_config(model), fmt, group_size
+    from ..loading import open_checkpoint, resolve_source
+    op = open_checkpoint(resolve_source(model), low_bit, group_size)
+    fmt = op.low_bit if op.low_bit is not None else {None: None, 2: "bf16", 4: "fp32"}.get(
+        op.dtype.itemsize if op.dtype is not None else None, "bf16")
+    return op.config, fmt, (32 if op.keep_native else group_size)
+
+
+def plan_report(model: str | None, cards: int, card_memory: str | int, low_bit: str | None = "auto",
+                group_size: int = 64, max_seq_len: int = 4096, batch: int = 1, cards_per_host: int | None = None,
+                headroom: float = 0.10, prompt_len: int = 512) -> dict:
+    """What `xpu-llm plan` prints: the chosen placement (or why none fits), and every card count's best."""
+    cfg, fmt, group = model_config(model, low_bit, group_size)
+    mem = parse_bytes(card_memory)
+    budget = Budget(fmt, group, max_seq_len, batch, prompt_len, headroom=headroom)
+    out: dict = {"model": model or "SmolLM2-135M (embedded)", "low_bit": budget.low_bit or "dense",
+                 "group_size": group, "cards": cards, "card_memory_gib": round(mem / GiB, 2),
+                 "max_seq_len": max_seq_len, "batch": batch,
+                 "weights_gib": round(total_bytes(cfg, budget) / GiB, 2)}
+    try:
+        p = choose(cfg, cards, mem, budget, cards_per_host)
+        out.update(fits=True, tp=p.tp, pp=p.pp, cards_used=p.cards, per_card_gib=round(p.peak.total / GiB, 2),
+                   stages=[[r.start, r.stop] for r in p.stages], text=p.describe())
+    except XpuLLMError as e:
+        out.update(fits=False, text=str(e))
+    return out

@@ -125,11 +125,17 @@ class TPLayout:
 def take_rows(lin: nn.Module, ranges: list[tuple[int, int]]) -> nn.Module:
     """A linear with only the output rows in `ranges` (nn.Linear, on meta or not, or LowBitLinear)."""
     n = sum(b - a for a, b in ranges)
-    bias = None if lin.bias is None else torch.cat([lin.bias[a:b] for a, b in ranges])
+    bias = None if lin.bias is None else _rows(lin.bias, ranges)
     if isinstance(lin, LowBitLinear):
         return LowBitLinear.from_quantized(slice_rows(lin.tensors(), ranges), lin.in_features, n, lin.low_bit,
                                            lin.group_size, bias=bias)
-    return _linear(torch.cat([lin.weight[a:b] for a, b in ranges]), bias)
+    return _linear(_rows(lin.weight, ranges), bias)
+
+
+def _rows(t: Tensor, ranges: list[tuple[int, int]]) -> Tensor:
+    if t.is_meta:  # a new meta tensor: torch.cat on meta pulls in ~150 MB of decomposition modules
+        return torch.empty((sum(b - a for a, b in ranges), *t.shape[1:]), dtype=t.dtype, device="meta")
+    return torch.cat([t[a:b] for a, b in ranges])
 
 
 def take_cols(lin: nn.Module, start: int, stop: int) -> nn.Module:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 
 import torch
 
@@ -33,8 +34,9 @@ def padded(prompts: list[list[int]], pad_id: int = 0) -> tuple[torch.Tensor, tor
     return ids, mask
 
 
-def inject_failure(llm, after_calls: int) -> None:
-    """Make this rank's first local layer raise on its `after_calls`-th call (mid-generation)."""
+def inject_failure(llm, after_calls: int, how: str) -> None:
+    """Make this rank's first local layer fail on its `after_calls`-th call (mid-generation): raise, or end the
+    process on the spot without a word ("dies")."""
     layer = llm.model.layers[0]
     calls = [0]
     original = layer.forward
@@ -42,6 +44,8 @@ def inject_failure(llm, after_calls: int) -> None:
     def failing(*args, **kwargs):
         calls[0] += 1
         if calls[0] >= after_calls:
+            if how == "dies":
+                os._exit(17)
             raise RuntimeError(f"injected failure on rank {os.environ['RANK']}")
         return original(*args, **kwargs)
 
@@ -54,14 +58,17 @@ def run_job(job: dict) -> dict:
     llm = LLM(job["model"], low_bit=low_bit, group_size=job.get("group_size", 32), dtype=torch.float32,
               device="cpu", max_seq_len=job.get("max_seq_len", 64), tp=job["tp"], pp=job["pp"], progress=False)
     if job.get("fail_rank") == int(os.environ["RANK"]):
-        inject_failure(llm, job.get("fail_after", 3))
+        inject_failure(llm, job.get("fail_after", 3), job.get("fail_how", "raises"))
     out = {"info": {"tp": llm.parallel.grid.tp, "pp": llm.parallel.grid.pp,
                     "stage_layers": llm.parallel.info["stage_layers"]}}
     for b in job.get("batches", [1, 3]):
         ids, mask = padded(job["prompts"][:b])
+        t0 = time.perf_counter()
         out[f"logits{b}"] = llm.logits(ids, attention_mask=mask)
+        t1 = time.perf_counter()
         out[f"greedy{b}"] = llm.generate_ids(ids, max_new_tokens=job.get("new_tokens", 32), attention_mask=mask,
                                              ignore_eos=True)
+        print(f"  batch {b}: logits {t1 - t0:.2f} s, greedy {time.perf_counter() - t1:.2f} s", flush=True)
     if job.get("sample"):
         ids, mask = padded(job["prompts"][:3])
         out["sampled"] = llm.generate_ids(ids, max_new_tokens=8, attention_mask=mask, ignore_eos=True,
@@ -71,15 +78,21 @@ def run_job(job: dict) -> dict:
 
 def load_memory(job: dict) -> dict:
     """Peak resident memory while loading (VmHWM after restarting it just before the load), in KiB."""
-    from xpu_llm.loading import resolve_source
-    from xpu_llm.parallel.engine import load_parallel
+    from xpu_llm.loading import load_model, resolve_source
     from xpu_llm.parallel.dist import init_distributed
+    from xpu_llm.parallel.engine import load_parallel
     init_distributed("cpu")
     source = resolve_source(job["model"])
     reset_peak()
     before = vm_kib("VmRSS")
-    load_parallel(source, job.get("low_bit"), 64, torch.float32, "cpu", job["tp"], job["pp"], 64, progress=False)
-    return {"peak_kib": vm_kib("VmHWM") - before}
+    if job["tp"] * job["pp"] == 1:
+        model, _ = load_model(source, job.get("low_bit"), 64, torch.float32, torch.device("cpu"), progress=False)
+    else:
+        model = load_parallel(source, job.get("low_bit"), 64, torch.float32, "cpu", job["tp"], job["pp"], 64,
+                              progress=False)
+    peak = vm_kib("VmHWM") - before
+    del model
+    return {"peak_kib": peak}
 
 
 def main() -> None:
@@ -89,7 +102,9 @@ def main() -> None:
     torch.set_num_threads(1)
     results = {}
     for job in spec["jobs"]:
+        t0 = time.perf_counter()
         results[job["name"]] = load_memory(job) if job.get("memory") else run_job(job)
+        print(f"job {job['name']}: {time.perf_counter() - t0:.1f} s", flush=True)
     torch.save(results, os.path.join(out_dir, f"rank{os.environ['RANK']}.pt"))
 
 
