@@ -1,0 +1,170 @@
+"""LoRA on low-bit layers through PEFT's own extension point for custom layers
+(`LoraConfig._register_custom_module`): PEFT itself is not patched, so `peft.get_peft_model`, HF `Trainer`
+and TRL's `SFTTrainer` work on a model whose linears are `LowBitLinear`, and adapters save in standard PEFT
+format that loads onto the plain float model."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from peft import LoraConfig
+from peft.tuners.lora.layer import Linear as PeftLoraLinear
+from peft.tuners.tuners_utils import check_adapters_to_merge
+from torch import nn
+
+from ..errors import XpuLLMError
+from ..lowbit.linear import LowBitLinear
+from .storage import PackedLowBitLinear
+
+log = logging.getLogger(__name__)
+
+LOW_BIT_LAYERS: tuple[type[nn.Module], ...] = (LowBitLinear, PackedLowBitLinear)
+
+
+def requantized_like(layer: nn.Module, weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Module:
+    """A new layer of `layer`'s class and format holding `weight` (float [N, K]) quantized again."""
+    q = layer.fmt.quantize(weight, layer.group_size)
+    new = LowBitLinear.from_quantized(q, layer.in_features, layer.out_features, layer.low_bit, layer.group_size,
+                                      bias=bias)
+    new.kernel_dtype = getattr(layer, "kernel_dtype", None)
+    if isinstance(layer, PackedLowBitLinear):
+        new = PackedLowBitLinear.from_lowbit(new, layer.storage_dtype)
+    return new.to(layer_device(layer))
+
+
+def layer_device(layer: nn.Module) -> torch.device:
+    """The device a layer's tensors live on."""
+    t = next(iter(layer.buffers()), None)
+    if t is None:
+        t = next(iter(layer.parameters()))
+    return t.device
+
+
+class LowBitLoraLinear(PeftLoraLinear):
+    """PEFT's `lora.Linear` around a frozen low-bit base: y = base(x) + B(A(dropout(x))) * scaling. The base's
+    backward gives only the input gradient (from the dequantized weight); merging dequantizes, adds B @ A *
+    scaling and quantizes again in the base's own format."""
+
+    def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
+        return module.in_features, module.out_features
+
+    def _get_base_layer_device_and_dtype(self, base_layer: nn.Module) -> tuple[torch.device, None]:
+        # The adapter lives on the base's device in float32 (no float dtype to copy from a packed weight).
+        return layer_device(base_layer), None
+
+    def resolve_lora_variant(self, *, config: LoraConfig, **kwargs: Any):
+        variant = super().resolve_lora_variant(config=config, **kwargs)
+        if variant is not None:
+            raise XpuLLMError(f"{type(variant).__name__} is not supported on low-bit layers; use plain LoRA "
+                              "(use_dora=False and no other LoRA variant)")
+        return None
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Merge the active adapters into the base: dequantize, add, quantize again (same format and group)."""
+        names = [a for a in check_adapters_to_merge(self, adapter_names) if a in self.lora_A]
+        if not names:
+            return
+        self._set_base(lambda w: w + sum(self.get_delta_weight(a).float() for a in names), names, safe_merge)
+        self.merged_adapters.extend(names)
+
+    def unmerge(self) -> None:
+        """Subtract the merged adapters again (the base is re-quantized, so this is not bit-exact)."""
+        if not self.merged:
+            return
+        names = [a for a in self.merged_adapters if a in self.lora_A]
+        self._set_base(lambda w: w - sum(self.get_delta_weight(a).float() for a in names), names, False,
+                       sign=-1.0)
+        self.merged_adapters.clear()
+
+    def _set_base(self, update, names: list[str], safe: bool, sign: float = 1.0) -> None:
+        base = self.get_base_layer()
+        weight = update(base.dequantize_weight(torch.float32))
+        bias = None if base.bias is None else base.bias.detach().float()
+        for a in names:
+            if self.lora_bias.get(a):
+                if bias is None:
+                    raise XpuLLMError("cannot merge lora_bias=True into a base layer without a bias")
+                bias = bias + sign * self.lora_B[a].bias.detach().float() * self.scaling[a]
+        if safe and not (torch.isfinite(weight).all() and (bias is None or torch.isfinite(bias).all())):
+            raise XpuLLMError(f"NaN or inf in the merged weight of adapters {names}; the adapter is broken")
+        new = requantized_like(base, weight, None if bias is None else bias.to(base.bias.dtype))
+        holder = self
+        while isinstance(holder.base_layer, PeftLoraLinear):  # nested tuner layers
+            holder = holder.base_layer
+        holder.base_layer = new
+
+    def __repr__(self) -> str:
+        return "lowbit_lora." + nn.Module.__repr__(self)
+
+
+def is_linear(module: nn.Module) -> bool:
+    """True for the layers 'all-linear' means: nn.Linear and the low-bit linears."""
+    return isinstance(module, (nn.Linear, *LOW_BIT_LAYERS))
+
+
+def linear_targets(model: nn.Module, exclude: Iterable[str] = ()) -> list[str]:
+    """What 'all-linear' means here, as PEFT defines it (every linear but the output embedding), including
+    low-bit layers, which PEFT's own shorthand does not see. Short names (q_proj, ...) when each one only
+    names linears, so adapter_config.json stays readable; full module names otherwise."""
+    out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    skip = set(exclude)
+    names = [n for n, m in model.named_modules() if n and is_linear(m) and m is not out_emb
+             and n.rsplit(".", 1)[-1] not in skip and n not in skip]
+    if not names:
+        raise XpuLLMError("the model has no linear layer to put LoRA on")
+    short = sorted({n.rsplit(".", 1)[-1] for n in names})
+    chosen = set(names)
+    covered = [n for n, _ in model.named_modules() if n and n.rsplit(".", 1)[-1] in short]
+    return short if set(covered) == chosen else sorted(names)
+
+
+def lora_config(model: nn.Module, r: int = 16, lora_alpha: float = 32, lora_dropout: float = 0.0,
+                target_modules: str | list[str] = "all-linear", **kwargs: Any) -> LoraConfig:
+    """A causal-LM LoraConfig whose low-bit layers take `LowBitLoraLinear` (registered on this config only),
+    with 'all-linear' resolved to the model's linear layers, low-bit ones included."""
+    if isinstance(target_modules, str) and target_modules.lower() == "all-linear":
+        targets: str | list[str] = linear_targets(model)
+    elif isinstance(target_modules, str):
+        targets = [t.strip() for t in target_modules.split(",") if t.strip()]
+    else:
+        targets = list(target_modules)
+    if r <= 0:
+        raise XpuLLMError(f"LoRA rank must be positive, got {r}")
+    cfg = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets,
+                     task_type="CAUSAL_LM", bias="none", **kwargs)
+    return register_low_bit_layers(cfg)
+
+
+def register_low_bit_layers(cfg: LoraConfig) -> LoraConfig:
+    """Teach this LoraConfig (only it) to wrap low-bit layers with LowBitLoraLinear; returns it."""
+    cfg._register_custom_module({cls: LowBitLoraLinear for cls in LOW_BIT_LAYERS})
+    return cfg
+
+
+def add_lora(model: nn.Module, cfg: LoraConfig | None = None, **kwargs: Any) -> nn.Module:
+    """`peft.get_peft_model(model, cfg)` with the low-bit layers registered; kwargs build a config when none
+    is given (see lora_config). Returns the PeftModel with only the adapter trainable."""
+    import peft
+
+    cfg = register_low_bit_layers(cfg) if cfg is not None else lora_config(model, **kwargs)
+    try:
+        peft_model = peft.get_peft_model(model, cfg)
+    except ValueError as e:
+        raise XpuLLMError(f"cannot add LoRA to this model: {e}") from e
+    n_train = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    if n_train == 0:
+        raise XpuLLMError(f"no layer matched target_modules={cfg.target_modules}; pass names of linear layers "
+                          "(e.g. q_proj,v_proj) or all-linear")
+    log.info("LoRA r=%d on %s: %d trainable parameters", cfg.r, cfg.target_modules, n_train)
+    return peft_model
+
+
+def load_adapter(model: nn.Module, adapter_dir: str, is_trainable: bool = False) -> nn.Module:
+    """`PeftModel.from_pretrained` for a model with low-bit layers (the saved config, registered here)."""
+    import peft
+
+    cfg = LoraConfig.from_pretrained(adapter_dir)
+    return peft.PeftModel.from_pretrained(model, adapter_dir, config=register_low_bit_layers(cfg),
+                                          is_trainable=is_trainable)

@@ -1,0 +1,74 @@
+"""The frozen base for QLoRA: a Hugging Face model whose linears are low-bit (through
+`xpu_llm.AutoModelForCausalLM`), its tokenizer, and gradient checkpointing."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import XpuLLMError
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_path(path: str | None) -> str:
+    """The model argument as a path (None: the embedded SmolLM2 GGUF), checked to exist."""
+    from ..loading import resolve_source
+
+    return resolve_source(path).path
+
+
+def load_tokenizer(path: str, chat_template: str | None = None) -> Any:
+    """The model's tokenizer (HF folder or GGUF), padding on the right, with an optional chat template file."""
+    from ..tokenizer import load_tokenizer as _load
+
+    tok = _load(path)
+    tok.padding_side = "right"
+    if chat_template:
+        if not os.path.isfile(chat_template):
+            raise XpuLLMError(f"chat template file {chat_template!r} does not exist")
+        with open(chat_template, encoding="utf-8") as f:
+            tok.chat_template = f.read()
+    return tok
+
+
+def load_base(path: str, low_bit: str | None = "nf4", group_size: int = 64, dtype: torch.dtype = torch.float32,
+              gradient_checkpointing: bool = True, modules_to_not_convert: list[str] | None = None) -> nn.Module:
+    """HF model with frozen low-bit linears (None: dense), every base parameter frozen, KV cache off and,
+    optionally, non-reentrant gradient checkpointing (recompute each decoder layer in backward)."""
+    from ..hf import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, load_in_low_bit=low_bit, group_size=group_size, dtype=dtype,
+                                                 modules_to_not_convert=modules_to_not_convert)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    model.config.use_cache = False
+    if gradient_checkpointing:
+        if not getattr(model, "supports_gradient_checkpointing", False):
+            raise XpuLLMError(f"{type(model).__name__} does not support gradient checkpointing; "
+                              "pass --no-gradient-checkpointing")
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def dequantize_linears(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Replace every low-bit linear under `model` by an nn.Linear holding its dequantized weight, in place:
+    the plain float model whose weights are exactly the QLoRA training base (for PEFT merge_and_unload, or
+    to check an adapter on a float model)."""
+    from .lora import LOW_BIT_LAYERS, layer_device
+
+    for name, mod in list(model.named_modules()):
+        if not isinstance(mod, LOW_BIT_LAYERS):
+            continue
+        lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None, device="meta")
+        lin.weight = nn.Parameter(mod.dequantize_weight(dtype).to(layer_device(mod)), requires_grad=False)
+        if mod.bias is not None:
+            lin.bias = nn.Parameter(mod.bias.detach().to(dtype), requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, lin)
+    return model
