@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--raw", action="store_true", help="do not apply the chat template (default: apply if any)")
     _model_args(g, positional=False)
     _sampling_args(g)
+    _parallel_args(g)
 
     c = sub.add_parser("chat", help="interactive chat with history (/reset clears it, /exit or Ctrl-D ends)")
     c.add_argument("--system", default=None, help="system prompt")
@@ -65,6 +66,20 @@ def build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--json", action="store_true", help="print one JSON line")
     pp.set_defaults(dtype="float32")
 
+    pl = sub.add_parser("plan", help="choose tensor x pipeline parallel sizes and show per-card memory")
+    pl.add_argument("model", nargs="?", default=None,
+                    help="model folder / .gguf file, or a preset shape: " + ", ".join(_plan_presets()))
+    pl.add_argument("--cards", type=int, required=True, help="cards available")
+    pl.add_argument("--card-memory", default="16GB", help="memory of one card, e.g. 16GB (Arc A770)")
+    pl.add_argument("--cards-per-host", type=int, default=None, help="tensor parallel stays within a host "
+                                                                     "(default: all cards in one host)")
+    pl.add_argument("--low-bit", default="auto", help="format (auto, sym_int4, fp8, bf16, ...)")
+    pl.add_argument("--group-size", type=int, default=64)
+    pl.add_argument("--max-seq-len", type=int, default=4096, help="KV cache length per sequence")
+    pl.add_argument("--batch", type=int, default=1, help="sequences decoded at once (KV cache)")
+    pl.add_argument("--headroom", type=float, default=0.10, help="fraction of each card kept free")
+    pl.add_argument("--json", action="store_true")
+
     b = sub.add_parser("bench", help="decode tokens/s and memory per format")
     b.add_argument("model", nargs="?", default=None)
     b.add_argument("--formats", default="auto,sym_int4,asym_int4,sym_int8,none",
@@ -79,6 +94,20 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _parallel_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tp", type=_par_size, default=1, help="tensor-parallel ranks (or auto); launch with torchrun")
+    p.add_argument("--pp", type=_par_size, default=1, help="pipeline-parallel stages (or auto)")
+
+
+def _par_size(v: str) -> int | str:
+    return "auto" if v == "auto" else int(v)
+
+
+def _plan_presets() -> list[str]:
+    from .parallel.plan import PRESETS
+    return list(PRESETS)
+
+
 def _low_bit(v: str | None) -> str | None:
     return None if v is None or v.lower() in ("none", "dense") else v
 
@@ -86,7 +115,8 @@ def _low_bit(v: str | None) -> str | None:
 def _load(args, progress: bool = True):
     from .llm import LLM
     return LLM(args.model, low_bit=_low_bit(args.low_bit), group_size=args.group_size, device=args.device,
-               max_seq_len=args.max_seq_len, dtype=args.dtype, progress=progress)
+               max_seq_len=args.max_seq_len, dtype=args.dtype, progress=progress,
+               **({"tp": args.tp, "pp": args.pp} if hasattr(args, "tp") else {}))
 
 
 def _sampling(args) -> dict:
@@ -97,10 +127,13 @@ def _sampling(args) -> dict:
 def cmd_generate(args) -> int:
     llm = _load(args)
     chat = not args.raw and bool(getattr(llm.tokenizer, "chat_template", None))
+    quiet = llm.parallel is not None and llm.parallel.rank != 0  # every rank runs; rank 0 prints
     for piece in llm.stream(args.prompt, chat=chat, **_sampling(args)):
-        sys.stdout.write(piece)
-        sys.stdout.flush()
-    sys.stdout.write("\n")
+        if not quiet:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    if not quiet:
+        sys.stdout.write("\n")
     return 0
 
 
@@ -159,6 +192,21 @@ def cmd_ppl(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from .parallel.plan import plan_report
+    low_bit = None if args.low_bit.lower() in ("none", "dense") else args.low_bit
+    rep = plan_report(args.model, args.cards, args.card_memory, low_bit, args.group_size, args.max_seq_len,
+                      args.batch, args.cards_per_host, args.headroom)
+    if args.json:
+        print(json.dumps(rep))
+    else:
+        print(f"{rep['model']} in {rep['low_bit']} (group {rep['group_size']}): {rep['weights_gib']} GiB of weights; "
+              f"{rep['cards']} card(s) of {rep['card_memory_gib']} GiB, batch {rep['batch']} x "
+              f"{rep['max_seq_len']} tokens")
+        print(rep["text"])
+    return 0 if rep["fits"] else 1
+
+
 def cmd_bench(args) -> int:
     from .bench import run_bench
     rows = run_bench(args.model, [f.strip() for f in args.formats.split(",") if f.strip()], args.group_size,
@@ -172,7 +220,7 @@ def cmd_bench(args) -> int:
 
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "convert": cmd_convert, "ppl": cmd_ppl,
-            "bench": cmd_bench}
+            "bench": cmd_bench, "plan": cmd_plan}
 
 
 def main(argv: list[str] | None = None) -> int:

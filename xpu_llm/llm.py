@@ -71,7 +71,8 @@ class LLM:
 
     def __init__(self, model: str | os.PathLike | None = None, low_bit: str | None = "auto", group_size: int = 64,
                  device: str | torch.device | None = None, max_seq_len: int | None = None,
-                 dtype: str | torch.dtype | None = "auto", progress: bool | None = None) -> None:
+                 dtype: str | torch.dtype | None = "auto", progress: bool | None = None,
+                 tp: int | str = 1, pp: int | str = 1) -> None:
         source = resolve_source(model)
         if low_bit not in ("auto", None):
             check_format(low_bit, group_size)
@@ -80,7 +81,16 @@ class LLM:
         self.device = get_device(device)
         self.dtype = resolve_dtype(dtype, self.device)
         progress = progress if progress is not None else log.getEffectiveLevel() <= logging.INFO
-        self.model, info = load_model(source, low_bit, group_size, self.dtype, self.device, progress=progress)
+        # tp / pp > 1 (or "auto"): this rank's shard of a multi-card run, every rank running this same program.
+        self.parallel = None
+        if tp != 1 or pp != 1:
+            from .parallel.engine import load_parallel
+            self.parallel = load_parallel(source, low_bit, group_size, self.dtype, device, tp, pp, max_seq_len,
+                                          progress)
+        if self.parallel is not None:
+            self.model, info, self.device = self.parallel.model, self.parallel.info, self.parallel.device
+        else:
+            self.model, info = load_model(source, low_bit, group_size, self.dtype, self.device, progress=progress)
         self.model.eval()
         self.dtype = info["dtype"]  # a dense bf16/fp16 format sets the compute dtype
         if is_cpu(self.device) and self.dtype == torch.float32:
@@ -119,6 +129,8 @@ class LLM:
         return self._tokenizer
 
     def _ensure_cache(self, batch: int) -> None:
+        if self.parallel is not None:  # the pipeline keeps a cache per micro-batch
+            return
         if self.model.max_batch_size < batch or self.model.max_seq_len != self.max_seq_len:
             self.model.setup_caches(max(batch, self.model.max_batch_size, 1), self.max_seq_len,
                                     dtype=self.dtype, device=self.device)
@@ -173,6 +185,8 @@ class LLM:
                     on_text(row, text)
                 return bool(stop) and any(s in text for s in stop)
 
+        if self.parallel is not None:
+            return self.parallel.generate(prompts, params, self._pad_id(), on_step, self.max_seq_len)
         return generate_tokens(self.model, prompts, params, self._pad_id(), on_step)
 
     def _decode(self, ids: list[list[int]], stop: list[str] | None) -> list[str]:
@@ -275,6 +289,8 @@ class LLM:
         b, t = input_ids.shape
         if t > self.max_seq_len:
             raise GenerationInputError(f"input of {t} tokens exceeds max_seq_len {self.max_seq_len}")
+        if self.parallel is not None:
+            return self.parallel.logits(input_ids, attention_mask, self.max_seq_len)
         self._ensure_cache(b)
         pad = None
         if attention_mask is not None:
@@ -288,6 +304,8 @@ class LLM:
         """Write the engine's low-bit folder (atomic); `LLM(out_dir)` loads it without re-quantizing."""
         from .errors import ModelNotFoundError
         from .lowbit_folder import save_low_bit
+        if self.parallel is not None:
+            raise XpuLLMError("save_low_bit needs the whole model: convert it in a single process (xpu-llm convert)")
         try:
             tok = self.tokenizer
         except ModelNotFoundError:
