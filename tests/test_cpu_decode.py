@@ -73,3 +73,22 @@ def test_fast_block_falls_back_outside_its_case(tiny_checkpoints):
     with torch.no_grad():
         assert block._fast(one, cos[:, :, :1].contiguous(), mask[:, :, :1].contiguous(), pos[:1])
         assert not block._fast(one.bfloat16(), cos[:, :, :1].contiguous(), mask[:, :, :1].contiguous(), pos[:1])
+
+
+def test_plan_follows_kernel_changes(tiny_checkpoints):
+    """The block caches its kernels; switching the layers' activation precision rebuilds that plan."""
+    from xpu_llm.lowbit.linear import LowBitLinear
+    llm = LLM(tiny_checkpoints["llama"][0], low_bit="sym_int4", group_size=32, max_seq_len=64)  # auto: int8 acts
+    lin = [m for m in llm.model.modules() if isinstance(m, LowBitLinear)]
+    assert lin and all(m.kernel_dtype == torch.int8 for m in lin)
+    llm.model.setup_caches(len(PROMPTS), 64)
+    int8 = _decode_logits(llm.model, fast=True)
+    for m in lin:
+        m.kernel_dtype = None  # exact float32 activations from now on
+    exact = _decode_logits(llm.model, fast=True)
+    plain = _decode_logits(llm.model, fast=False)
+    assert all(layer._plan.lin[0].kernel.int8_activations is False for layer in llm.model.layers)
+    for b, c in zip(exact, plain):
+        assert (b - c).abs().max() <= 1e-5 * c.abs().max()
+    # int8 activations: close, not equal (first step only: later ones may follow other greedy tokens)
+    assert 0 < (int8[0] - plain[0]).abs().max() <= 0.05 * plain[0].abs().max()

@@ -7,10 +7,61 @@ cache slots, non-float32 models, autograd) runs the plain forward, and the weigh
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from .lowbit.kernels import cpu_native
+from .lowbit.kernels import cpu_native, select_kernel
+from .lowbit.linear import LowBitLinear
 from .model import Transformer, TransformerBlock
+
+
+class _Linear:
+    """A block's linear layer at decode sizes: its native kernel bound to the prepared state (no module call, no
+    dispatch), or the module itself. `valid()` turns False when the layer's kernel state changes (unprepare on
+    load_state_dict, .to(), a new kernel_dtype), and the block then rebuilds its plan."""
+
+    __slots__ = ("module", "kernel", "state", "group_size", "bias", "mode")
+
+    def __init__(self, module: nn.Module, rows: int) -> None:
+        self.module, self.kernel, self.state = module, None, None
+        if isinstance(module, LowBitLinear):
+            kernel = select_kernel(module, torch.empty(rows, module.in_features))
+            if isinstance(kernel, cpu_native.NativeLowBit):
+                self.kernel = kernel
+                self.state, _ = module.kernel_state(kernel)
+                self.group_size, self.bias, self.mode = module.group_size, module.bias, module.kernel_dtype
+
+    def valid(self) -> bool:
+        m = self.module.__dict__
+        return self.kernel is None or (m["_state"] is self.state and m["kernel_dtype"] is self.mode)
+
+    def __call__(self, x2d: Tensor) -> Tensor:
+        if self.kernel is None:
+            return self.module(x2d)
+        y = self.kernel.mm(x2d, self.state, None, self.group_size)
+        return y if self.bias is None else y.add_(self.bias)
+
+
+class _Plan:
+    """What a block's fast step needs, resolved once per (batch rows, KV cache) instead of per call."""
+
+    __slots__ = ("rows", "cache", "k", "v", "slots", "lin", "n1", "n2", "eps1", "eps2", "h", "hkv", "d", "hidden")
+
+    def __init__(self, block: TransformerBlock, rows: int) -> None:
+        attn, ff = block.attention, block.feed_forward
+        self.rows, self.cache = rows, attn.kv_cache
+        self.k, self.v = self.cache.k_cache, self.cache.v_cache
+        self.slots = self.k.shape[2]
+        self.lin = [_Linear(m, rows) for m in (attn.wqkv, attn.wo, ff.w13, ff.w2)]
+        self.n1, self.n2 = block.attention_norm.weight, block.ffn_norm.weight
+        self.eps1, self.eps2 = block.attention_norm.eps, block.ffn_norm.eps
+        self.h, self.hkv, self.d, self.hidden = attn.n_heads, attn.n_kv_heads, attn.head_dim, ff.hidden
+
+    def valid(self, block: TransformerBlock, rows: int) -> bool:
+        attn = block._modules["attention"]
+        return (rows == self.rows and attn._modules["kv_cache"] is self.cache and self.cache.k_cache is self.k
+                and all(lin.valid() for lin in self.lin)
+                and block._modules["attention_norm"]._parameters["weight"] is self.n1
+                and block._modules["ffn_norm"]._parameters["weight"] is self.n2)
 
 
 class FastDecodeBlock(TransformerBlock):
@@ -21,39 +72,39 @@ class FastDecodeBlock(TransformerBlock):
                 kv_len: int | None) -> Tensor:
         if not self._fast(x, cos, mask, input_pos):
             return super().forward(x, cos, sin, mask, input_pos, kv_len)
-        lib = cpu_native.library()
-        attn, ff = self.attention, self.feed_forward
-        cache = attn.kv_cache
         b, _, dim = x.shape
+        plan = self.__dict__.get("_plan")
+        if plan is None or not plan.valid(self, b):
+            plan = self.__dict__["_plan"] = _Plan(self, b)
+        lib = cpu_native.library()
+        wqkv, wo, w13, w2 = plan.lin
         x2 = x.reshape(b, dim).contiguous()
         xn = torch.empty_like(x2)
-        lib.xl_rmsnorm(x2.data_ptr(), None, self.attention_norm.weight.data_ptr(), xn.data_ptr(), b, dim,
-                       self.attention_norm.eps)
-        qkv = attn.wqkv(xn).contiguous()
-        h, hkv, d = attn.n_heads, attn.n_kv_heads, attn.head_dim
-        slots = cache.k_cache.shape[2]
-        kv = slots if kv_len is None else kv_len
+        lib.xl_rmsnorm(x2.data_ptr(), None, plan.n1.data_ptr(), xn.data_ptr(), b, dim, plan.eps1)
+        qkv = wqkv(xn).contiguous()
+        h, d = plan.h, plan.d
+        kv = plan.slots if kv_len is None else kv_len
         y = torch.empty(b, h * d)
         scores = torch.empty(b * h * kv)
-        lib.xl_attn_decode(qkv.data_ptr(), b, h, hkv, d, cos.data_ptr(), sin.data_ptr(), cos.shape[0],
-                           cache.k_cache.data_ptr(), cache.v_cache.data_ptr(), slots, int(input_pos), kv,
+        lib.xl_attn_decode(qkv.data_ptr(), b, h, plan.hkv, d, cos.data_ptr(), sin.data_ptr(), cos.shape[0],
+                           plan.k.data_ptr(), plan.v.data_ptr(), plan.slots, int(input_pos), kv,
                            mask.data_ptr(), mask.shape[0], y.data_ptr(), scores.data_ptr())
-        hres = attn.wo(y).contiguous()  # becomes h = x + attention(x) in the next call
+        hres = wo(y).contiguous()  # becomes h = x + attention(x) in the next call
         hn = torch.empty_like(x2)
-        lib.xl_rmsnorm(hres.data_ptr(), x2.data_ptr(), self.ffn_norm.weight.data_ptr(), hn.data_ptr(), b, dim,
-                       self.ffn_norm.eps)
-        gu = ff.w13(hn).contiguous()
-        act = torch.empty(b, ff.hidden)
-        lib.xl_silu_mul(gu.data_ptr(), act.data_ptr(), b, ff.hidden)
-        return ff.w2(act).add_(hres).view(b, 1, dim)
+        lib.xl_rmsnorm(hres.data_ptr(), x2.data_ptr(), plan.n2.data_ptr(), hn.data_ptr(), b, dim, plan.eps2)
+        gu = w13(hn).contiguous()
+        act = torch.empty(b, plan.hidden)
+        lib.xl_silu_mul(gu.data_ptr(), act.data_ptr(), b, plan.hidden)
+        return w2(act).add_(hres).view(b, 1, dim)
 
     def _fast(self, x: Tensor, cos: Tensor, mask: Tensor, input_pos: Tensor) -> bool:
         """Whether this call is a plain one-token float32 CPU step with no autograd (else the reference path)."""
-        cache = self.attention.kv_cache
+        attn = self._modules["attention"]
+        cache = attn._modules.get("kv_cache")
         return (x.shape[1] == 1 and x.dtype == torch.float32 and x.device.type == "cpu"
                 and not torch.is_grad_enabled() and input_pos.dim() == 1 and cache is not None
                 and cache.k_cache.dtype == torch.float32 and cache.k_cache.is_contiguous()
-                and self.attention.head_dim <= 512 and self.attention_norm.weight.dtype == torch.float32
+                and attn.head_dim <= 512 and self._modules["attention_norm"].weight.dtype == torch.float32
                 and mask.dtype == torch.bool and mask.is_contiguous() and cos.is_contiguous()
                 and cos.dtype == torch.float32)
 
