@@ -194,22 +194,13 @@ def test_incomplete_checkpoint_names_what_is_missing(tiny_checkpoints, tmp_path)
 # ---------------------------------------------------------------------------------------------- real model
 
 @pytest.mark.slow
-def test_smollm2_gguf_low_bit_matches_optimized_dense(smollm2_path, monkeypatch):
-    """The GGUF path is transformers' dense GGUF load + optimize_model. transformers' GGUF reader takes ~30 s
-    here, so the dense model it returns is copied (spy) instead of loading the file a second time."""
+def test_smollm2_gguf_low_bit_matches_optimized_dense(smollm2_path):
+    """The low-bit GGUF path (streamed through gguf_io) equals transformers' dense GGUF load + optimize_model."""
     import transformers
-    real, dense = transformers.AutoModelForCausalLM.from_pretrained, []
-
-    def spy(*args, **kwargs):
-        model = real(*args, **kwargs)
-        dense.append((args, kwargs, copy.deepcopy(model)))
-        return model
-
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", spy)
     model = AutoModelForCausalLM.from_pretrained(smollm2_path, load_in_low_bit="sym_int4", dtype=torch.bfloat16)
-    (args, kwargs, ref), = dense
     folder, name = os.path.split(smollm2_path)
-    assert args == (folder,) and kwargs["gguf_file"] == name and kwargs["local_files_only"] is True
+    ref = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, local_files_only=True,
+                                                            dtype=torch.bfloat16)
     assert isinstance(model.model.layers[0].mlp.down_proj, LowBitLinear)
     assert model.lm_head.weight is model.model.embed_tokens.weight  # SmolLM2 ties its embeddings
     ref = optimize_model(ref.eval(), low_bit="sym_int4")

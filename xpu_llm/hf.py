@@ -208,6 +208,63 @@ def _stream_quantized(folder: str, fmt: LowBitFormat, group_size: int, dtype: st
     return model.eval()
 
 
+def _stream_gguf_quantized(path: str, fmt: LowBitFormat, group_size: int, dtype: str | torch.dtype,
+                           keep: list[str], kwargs: dict[str, Any]) -> nn.Module:
+    """A GGUF file straight to an HF model with low-bit linears: the module tree is built on meta from the file's
+    metadata and each tensor streams in through gguf_io (native blocks dequantized to float32, then quantized
+    to `fmt`). Seconds, where transformers' GGUF loader first dequantizes the whole file (~20 s for SmolLM2)."""
+    import transformers
+    from tqdm.auto import tqdm
+
+    from .gguf_io import open_gguf
+
+    model_kwargs = {k: kwargs.pop(k) for k in ("attn_implementation",) if k in kwargs}
+    for k in ("local_files_only", "gguf_file", "quantization_config"):
+        kwargs.pop(k, None)
+    if kwargs:
+        log.warning("ignored arguments for a low-bit GGUF load: %s", ", ".join(sorted(kwargs)))
+    gf = open_gguf(path)
+    hf_cfg = {k: v for k, v in gf.hf_config().items() if v is not None}
+    cfg = transformers.AutoConfig.for_model(hf_cfg.pop("model_type"), **hf_cfg)
+    torch_dtype = _resolve_dtype(dtype, cfg)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch_dtype, **model_kwargs)
+    convert, dense = _plan(model, fmt, group_size, keep)
+    for name in convert:
+        lin = model.get_submodule(name)
+        parent, _, child = name.rpartition(".")
+        new = LowBitLinear(lin.in_features, lin.out_features, lin.bias is not None, fmt.name, group_size,
+                           device="meta", dtype=lin.bias.dtype if lin.bias is not None else torch_dtype)
+        setattr(model.get_submodule(parent) if parent else model, child, new)
+    modules = dict(model.named_modules())
+    unexpected = []
+    for name, kind, payload in tqdm(gf.tensors(), total=len(gf.tensor_info()), unit="tensor", leave=False,
+                                    desc=f"loading {os.path.basename(path)} as {fmt.name}", disable=None):
+        weight = payload if kind == "dense" else get_format(kind).dequantize(payload, 32, torch.float32)
+        mod_name, _, local = name.rpartition(".")
+        mod = modules.get(mod_name)
+        if isinstance(mod, LowBitLinear) and local == "weight":
+            mod.load_state_dict(quantize_rows(fmt.name, weight, group_size), assign=True, strict=False)
+        elif mod is not None and isinstance(mod._parameters.get(local, mod._buffers.get(local)), torch.Tensor):
+            target = mod._parameters.get(local, mod._buffers.get(local))
+            if tuple(weight.shape) != tuple(target.shape):
+                raise XpuLLMError(f"{path}: tensor {name} has shape {tuple(weight.shape)}, the model expects "
+                                  f"{tuple(target.shape)}; the GGUF file is inconsistent")
+            mod.load_state_dict({local: weight.to(target.dtype)}, assign=True, strict=False)
+        else:
+            unexpected.append(name)
+    if unexpected:
+        log.warning("GGUF tensors with no place in the model (ignored): %s", ", ".join(unexpected[:8]))
+    _rebuild_rotary(model)
+    if _tied_head_name(model) is not None:
+        model.tie_weights()
+    missing = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if missing:
+        raise XpuLLMError(f"{path}: the GGUF file has no data for {', '.join(missing[:8])}")
+    _record(model, fmt, group_size, keep, dense)
+    return model.eval()
+
+
 class AutoModelForCausalLM:
     """`transformers.AutoModelForCausalLM` with IPEX-LLM's low-bit loading options; returns an HF model."""
 
@@ -217,7 +274,7 @@ class AutoModelForCausalLM:
                         dtype: str | torch.dtype = torch.float32, trust_remote_code: bool = False,
                         modules_to_not_convert: list[str] | None = None, **kwargs: Any) -> nn.Module:
         """Load a local HF folder (config.json + safetensors, streamed and quantized tensor by tensor) or a
-        .gguf file (through transformers, which materialises the float weights once, then optimize_model).
+        .gguf file (low-bit: streamed from the file through gguf_io; dense: transformers' GGUF loader).
         `load_in_4bit=True` means sym_int4; neither option loads dense. `dtype="auto"` is the checkpoint's
         dtype; None as the path is the embedded SmolLM2. Never downloads; the model stays on the CPU
         (move it with `.to(device)`)."""
@@ -235,6 +292,8 @@ class AutoModelForCausalLM:
             dtype, fmt = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[fmt.name], None
         if source.kind == "hf" and fmt is not None:
             return _stream_quantized(source.path, fmt, group_size, dtype, trust_remote_code, keep, kwargs)
+        if source.kind == "gguf" and fmt is not None:
+            return _stream_gguf_quantized(source.path, fmt, group_size, dtype, keep, kwargs)
 
         import transformers
         kwargs.setdefault("local_files_only", True)
