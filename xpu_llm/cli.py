@@ -165,12 +165,28 @@ def cmd_chat(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from .device import peak_rss
+    """Stream and quantize the model, then write the folder; the tokenizer's files are copied, not built (a
+    tokenizer object costs more resident memory than a small 4-bit model)."""
+    from .device import get_device, peak_rss
+    from .errors import ModelNotFoundError
+    from .llm import resolve_dtype
+    from .loading import check_format, load_model, resolve_source
+    from .lowbit_folder import save_low_bit
+    from .tokenizer import tokenizer_files
     t0 = time.perf_counter()
-    llm = _load(args)
-    out = llm.save_low_bit(args.output)
+    source, low_bit = resolve_source(args.model), _low_bit(args.low_bit)
+    if low_bit not in ("auto", None):
+        check_format(low_bit, args.group_size)
+    device = get_device(args.device)
+    model, info = load_model(source, low_bit, args.group_size, resolve_dtype(args.dtype, device), device)
+    try:
+        tok = tokenizer_files(source.path)
+    except ModelNotFoundError:
+        logging.getLogger(__name__).warning("%s has no tokenizer; saving the weights only", source.path)
+        tok = None
+    out = save_low_bit(model, tok, args.output, {"low_bit": info["low_bit"], "group_size": info["group_size"]})
     size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
-    print(f"wrote {out} ({llm.low_bit or 'dense'}, {size / 2**20:.1f} MiB) in {time.perf_counter() - t0:.1f} s; "
+    print(f"wrote {out} ({info['low_bit'] or 'dense'}, {size / 2**20:.1f} MiB) in {time.perf_counter() - t0:.1f} s; "
           f"peak resident memory {peak_rss() / 2**20:.0f} MiB")
     return 0
 

@@ -42,8 +42,9 @@ def _manifest(model: Transformer, extra: dict[str, Any]) -> dict[str, Any]:
 
 
 def save_low_bit(model: Transformer, tokenizer: Any, out_dir: str, extra: dict[str, Any] | None = None) -> str:
-    """Write `out_dir` atomically (temp folder beside it, then rename). Refuses to overwrite a folder that is
-    not an xpu-llm checkpoint."""
+    """Write `out_dir` atomically (temp folder beside it, then rename). `tokenizer`: a tokenizer object, the
+    list of its files (copied; no tokenizer is built), or None. Refuses to overwrite a folder that is not an
+    xpu-llm checkpoint."""
     from safetensors.torch import save_file
 
     out_dir = os.path.abspath(out_dir)
@@ -58,7 +59,10 @@ def save_low_bit(model: Transformer, tokenizer: Any, out_dir: str, extra: dict[s
     tmp = tempfile.mkdtemp(prefix=".xpu-llm-tmp-", dir=parent)
     try:
         save_file(state, os.path.join(tmp, WEIGHTS), metadata={"format": FORMAT_TAG})
-        if tokenizer is not None:
+        if isinstance(tokenizer, list):  # the tokenizer's files (tokenizer.tokenizer_files): copied as they are
+            for path in tokenizer:
+                shutil.copyfile(path, os.path.join(tmp, os.path.basename(path)))
+        elif tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as f:  # last: marks the folder complete
             json.dump(manifest, f, indent=1)

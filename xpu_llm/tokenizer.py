@@ -19,6 +19,10 @@ log = logging.getLogger(__name__)
 CACHE_FORMAT = 1  # bump when the cached folder's content changes
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 _MIB = 1 << 20
+# What a tokenizer folder holds besides _TOKENIZER_FILES (copied as they are by tokenizer_files)
+_TOKENIZER_PREFIXES = ("tokenizer", "chat_template")
+_TOKENIZER_EXTRA = ("special_tokens_map.json", "added_tokens.json", "vocab.json", "merges.txt", "vocab.txt",
+                    "spiece.model", "sentencepiece.bpe.model")
 
 
 def load_tokenizer(source: str, cache_dir: str | None = None) -> "PreTrainedTokenizerBase":
@@ -81,11 +85,35 @@ def gguf_cache_key(path: str) -> str:
     return h.hexdigest()[:32]
 
 
+def tokenizer_files(source: str, cache_dir: str | None = None) -> list[str]:
+    """The files that make up the tokenizer of a model folder or .gguf file (a GGUF's converted and cached
+    folder, converting it the first time), so a converter can copy them without building a tokenizer."""
+    source = os.path.abspath(os.fspath(source))
+    folder = source
+    if os.path.isfile(source):
+        folder = _gguf_cache_folder(source, cache_dir)
+        if not os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
+            load_tokenizer(source, cache_dir)  # converts and caches it once
+    elif not any(os.path.isfile(os.path.join(folder, f)) for f in _TOKENIZER_FILES):
+        ggufs = sorted(f for f in os.listdir(folder) if f.endswith(".gguf"))
+        if len(ggufs) != 1:
+            raise ModelNotFoundError(f"{folder} holds no tokenizer (none of {', '.join(_TOKENIZER_FILES)})")
+        return tokenizer_files(os.path.join(folder, ggufs[0]), cache_dir)
+    names = [f for f in os.listdir(folder) if f.startswith(_TOKENIZER_PREFIXES) or f in _TOKENIZER_EXTRA]
+    if not any(f in _TOKENIZER_FILES for f in names):
+        raise ModelNotFoundError(f"{folder} holds no tokenizer (none of {', '.join(_TOKENIZER_FILES)})")
+    return sorted(os.path.join(folder, f) for f in names)
+
+
+def _gguf_cache_folder(path: str, cache_dir: str | None) -> str:
+    return os.path.join(cache_root(cache_dir), f"{os.path.basename(path).removesuffix('.gguf')}-{gguf_cache_key(path)}")
+
+
 def _from_gguf(path: str, cache_dir: str | None) -> "PreTrainedTokenizerBase":
     from transformers import AutoTokenizer
 
     root = cache_root(cache_dir)
-    cached = os.path.join(root, f"{os.path.basename(path).removesuffix('.gguf')}-{gguf_cache_key(path)}")
+    cached = _gguf_cache_folder(path, cache_dir)
     if os.path.isfile(os.path.join(cached, "tokenizer_config.json")):
         log.debug("tokenizer of %s from cache %s", path, cached)
         return AutoTokenizer.from_pretrained(cached, trust_remote_code=False, local_files_only=True)
