@@ -129,8 +129,8 @@ def make_accelerator(grad_accum: int) -> Any:
                        kwargs_handlers=handlers)
 
 
-def prepare_data(args: Any, tok: Any) -> tuple[list, list]:
-    train = build_examples(tok, read_jsonl(args.data), args.seq_len, args.data)
+def prepare_data(args: Any, tok: Any, conversations: list) -> tuple[list, list]:
+    train = build_examples(tok, conversations, args.seq_len, args.data)
     if args.eval_data:
         held = build_examples(tok, read_jsonl(args.eval_data), args.seq_len, args.eval_data)
     else:
@@ -242,12 +242,13 @@ def run(args: Any) -> int:
     from .model import load_tokenizer, resolve_model_path
 
     check_args(args)
+    conversations = read_jsonl(args.data)  # fail on bad data before anything slow
     acc = make_accelerator(args.grad_accum)
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     model_path = resolve_model_path(args.model)
     tok = load_tokenizer(model_path, args.chat_template)
-    train_set, held = prepare_data(args, tok)
+    train_set, held = prepare_data(args, tok, conversations)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     batches = GlobalBatches(len(train_set), args.batch_size, args.grad_accum, acc.num_processes, args.seed)
     max_steps = args.max_steps or max(1, math.ceil(args.epochs * len(train_set) / batches.global_batch))
@@ -351,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     except XpuLLMError as e:
         print(f"xpu-llm finetune: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C
+        print("\ninterrupted (no checkpoint written by this interruption)", file=sys.stderr)
+        return STOPPED
 
 
 if __name__ == "__main__":
