@@ -214,21 +214,39 @@ class VocabParallelEmbedding(nn.Module):
         return y
 
 
-def _all_reduce_hook(group: dist.ProcessGroup | None):
-    def hook(module: nn.Module, args, out: Tensor) -> Tensor:
-        dist.all_reduce(out, group=group)
-        return out
-    return hook
+class RowParallelLinear(nn.Module):
+    """A row-parallel linear (o, down): this rank's input columns, then the sum over the ranks (one all-reduce).
+    A module rather than a forward hook, so that fast paths which call a linear's kernel directly (cpu_decode)
+    still go through the collective: they see a module that is not a LowBitLinear and call it."""
+
+    def __init__(self, inner: nn.Module, group: dist.ProcessGroup | None) -> None:
+        super().__init__()
+        self.inner, self.group = inner, group
+        self.in_features, self.out_features = inner.in_features, inner.out_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        y = self.inner(x)
+        dist.all_reduce(y, group=self.group)
+        return y
 
 
-def _gather_vocab_hook(group: dist.ProcessGroup | None, tp: int, per_rank: int, vocab_size: int):
-    def hook(module: nn.Module, args, out: Tensor) -> Tensor:
-        if out.shape[-1] < per_rank:  # the last ranks of an uneven split: pad to a common width
-            out = torch.nn.functional.pad(out, (0, per_rank - out.shape[-1]))
-        parts = [torch.empty_like(out) for _ in range(tp)]
-        dist.all_gather(parts, out.contiguous(), group=group)
-        return torch.cat(parts, dim=-1)[..., :vocab_size]
-    return hook
+class VocabParallelHead(nn.Module):
+    """The lm_head over this rank's vocabulary rows, then an all-gather of the logits (padded to a common width
+    on the last ranks of an uneven split, trimmed after)."""
+
+    def __init__(self, inner: nn.Module, group: dist.ProcessGroup | None, tp: int, per_rank: int,
+                 vocab_size: int) -> None:
+        super().__init__()
+        self.inner, self.group, self.tp, self.per_rank, self.vocab_size = inner, group, tp, per_rank, vocab_size
+        self.in_features, self.out_features = inner.in_features, vocab_size
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.inner(x)
+        if out.shape[-1] < self.per_rank:
+            out = torch.nn.functional.pad(out, (0, self.per_rank - out.shape[-1]))
+        parts = [torch.empty_like(out) for _ in range(self.tp)]
+        dist.all_gather(parts, out.contiguous(), group=self.group)
+        return torch.cat(parts, dim=-1)[..., :self.vocab_size]
 
 
 def install_comm(model: Transformer, layout: TPLayout, group: dist.ProcessGroup | None) -> Transformer:
@@ -237,16 +255,17 @@ def install_comm(model: Transformer, layout: TPLayout, group: dist.ProcessGroup 
     if layout.tp == 1:
         return model
     for layer in model.layers:
-        for lin in (layer.attention.wo, layer.feed_forward.w2):
+        attn, ff = layer.attention, layer.feed_forward
+        for lin in (attn.wo, ff.w2):
             if layout.rank != 0 and lin.bias is not None:
                 lin.bias = None
-            lin.register_forward_hook(_all_reduce_hook(group))
+        attn.wo, ff.w2 = RowParallelLinear(attn.wo, group), RowParallelLinear(ff.w2, group)
     if layout.vocab_parallel:
         if model.tok_embeddings is not None:
             model.tok_embeddings = VocabParallelEmbedding(model.tok_embeddings, *layout.vocab, group)
         if model.output is not None:
-            model.output.register_forward_hook(
-                _gather_vocab_hook(group, layout.tp, layout.vocab_per_rank, layout.vocab_size))
+            model.output = VocabParallelHead(model.output, group, layout.tp, layout.vocab_per_rank,
+                                             layout.vocab_size)
     model.tp_layout = layout
     return model
 

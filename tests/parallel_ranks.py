@@ -29,8 +29,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_ranks(world: int, spec: dict, out_dir: str, timeout_s: float = 240.0,
-              dist_timeout_s: float = 60.0) -> list[RankResult]:
+def launch_env(launcher: str, rank: int, world: int) -> dict[str, str]:
+    """The variables a launcher gives each rank: torchrun's, or Intel MPI's (PMI_*; MASTER_* set by the user)."""
+    if launcher == "mpi":
+        return {"PMI_RANK": str(rank), "PMI_SIZE": str(world), "MPI_LOCALRANKID": str(rank),
+                "MPI_LOCALNRANKS": str(world)}
+    return {"RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank), "LOCAL_WORLD_SIZE": str(world)}
+
+
+def run_ranks(world: int, spec: dict, out_dir: str, timeout_s: float = 240.0, dist_timeout_s: float = 60.0,
+              launcher: str = "torchrun") -> list[RankResult]:
     """Run parallel_worker.py on `world` ranks with `spec` (written to out_dir/spec.json); wait for all of them
     at most `timeout_s` in total, then kill what is left."""
     os.makedirs(out_dir, exist_ok=True)
@@ -40,10 +48,10 @@ def run_ranks(world: int, spec: dict, out_dir: str, timeout_s: float = 240.0,
     port = free_port()
     procs = []
     for rank in range(world):
-        env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-               "LOCAL_WORLD_SIZE": str(world), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-               "OMP_NUM_THREADS": "1", "XPU_LLM_DEVICE": "cpu", "XPU_LLM_DIST_TIMEOUT": str(dist_timeout_s),
-               "PYTHONUNBUFFERED": "1"}
+        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "PMI_RANK", "PMI_SIZE")}
+        env.update(launch_env(launcher, rank, world))
+        env.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
+                    "XPU_LLM_DEVICE": "cpu", "XPU_LLM_DIST_TIMEOUT": str(dist_timeout_s), "PYTHONUNBUFFERED": "1"})
         procs.append(subprocess.Popen([sys.executable, WORKER, spec_path, out_dir], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                       start_new_session=True))

@@ -46,7 +46,7 @@ def inject_failure(llm, after_calls: int, how: str) -> None:
         if calls[0] >= after_calls:
             if how == "dies":
                 os._exit(17)
-            raise RuntimeError(f"injected failure on rank {os.environ['RANK']}")
+            raise RuntimeError(f"injected failure on rank {llm.parallel.rank}")
         return original(*args, **kwargs)
 
     layer.forward = failing
@@ -57,7 +57,7 @@ def run_job(job: dict) -> dict:
     low_bit = job.get("low_bit")
     llm = LLM(job["model"], low_bit=low_bit, group_size=job.get("group_size", 32), dtype=torch.float32,
               device="cpu", max_seq_len=job.get("max_seq_len", 64), tp=job["tp"], pp=job["pp"], progress=False)
-    if job.get("fail_rank") == int(os.environ["RANK"]):
+    if job.get("fail_rank") == llm.parallel.rank:
         inject_failure(llm, job.get("fail_after", 3), job.get("fail_how", "raises"))
     out = {"info": {"tp": llm.parallel.grid.tp, "pp": llm.parallel.grid.pp,
                     "stage_layers": llm.parallel.info["stage_layers"]}}
@@ -105,7 +105,8 @@ def main() -> None:
         t0 = time.perf_counter()
         results[job["name"]] = load_memory(job) if job.get("memory") else run_job(job)
         print(f"job {job['name']}: {time.perf_counter() - t0:.1f} s", flush=True)
-    torch.save(results, os.path.join(out_dir, f"rank{os.environ['RANK']}.pt"))
+    from xpu_llm.parallel.dist import detect_launch
+    torch.save(results, os.path.join(out_dir, f"rank{detect_launch().rank}.pt"))
 
 
 if __name__ == "__main__":

@@ -118,7 +118,7 @@ def test_stage_layers_minimise_the_largest_stage():
         cut = stage_layers([float(c) for c in costs], pp, first, last)
         assert [x for r in cut for x in r] == list(range(len(costs))) and all(len(r) for r in cut)
 
-        def worst(bounds):
+        def worst(bounds, costs=costs, pp=pp, first=first, last=last):
             stages = [costs[a:b] for a, b in zip((0, *bounds), (*bounds, len(costs)))]
             return max(sum(s) + (first if i == 0 else 0) + (last if i == pp - 1 else 0) for i, s in enumerate(stages))
         best = min(worst(b) for b in itertools.combinations(range(1, len(costs)), pp - 1))
