@@ -1,13 +1,17 @@
 """One dispatch for the low-bit matmul: the fastest path for the activation's device and dtype and the layer's
 format. CPU: the native AVX2 kernel (cpu_native) for up to cpu_native.MAX_M rows, dequantize-to-float32 in
 cache-sized row blocks above that; where the native kernel cannot be built, PyTorch's packed int4/int8 kernels
-for bf16. Elsewhere (GPUs until the Triton kernels land, float64): the reference, dequantize + F.linear."""
+for bf16. GPUs (XPU, CUDA): the Triton kernels (triton_ops: decode GEMV, skinny/prefill GEMMs) for bf16/fp16/fp32
+activations. Elsewhere (float64, groups that are not a power of two, no Triton): dequantize + F.linear."""
 from __future__ import annotations
+
+import functools
+import logging
 
 import torch
 from torch import Tensor
 
-from ...device import is_cpu
+from ...device import is_cpu, is_gpu
 from . import cpu, cpu_native, reference
 
 
@@ -19,7 +23,24 @@ def select_kernel(layer, x2d: Tensor):
                                      x2d.dtype, x2d.shape[0], getattr(layer, "kernel_dtype", None) == torch.int8)
         return cpu.select(layer.low_bit, layer.out_features, layer.in_features, layer.group_size, x2d.dtype,
                           x2d.shape[0])
+    if is_gpu(x2d.device):
+        ops = _triton_ops()
+        if ops is not None:
+            return ops.select(layer.low_bit, layer.out_features, layer.in_features, layer.group_size, x2d.dtype,
+                              x2d.shape[0])
     return None
+
+
+@functools.cache
+def _triton_ops():
+    """kernels.triton_ops, imported on first GPU use; None without Triton (the reference path then runs)."""
+    try:
+        from . import triton_ops
+    except ImportError as e:
+        logging.getLogger(__name__).warning(
+            "Triton is not importable (%s): low-bit layers on this GPU fall back to dequantize + matmul", e)
+        return None
+    return triton_ops
 
 
 def lowbit_matmul(x2d: Tensor, layer) -> Tensor:
