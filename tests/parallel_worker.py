@@ -55,12 +55,20 @@ def inject_failure(llm, after_calls: int, how: str) -> None:
 def run_job(job: dict) -> dict:
     from xpu_llm import LLM
     low_bit = job.get("low_bit")
-    llm = LLM(job["model"], low_bit=low_bit, group_size=job.get("group_size", 32), dtype=torch.float32,
-              device="cpu", max_seq_len=job.get("max_seq_len", 64), tp=job["tp"], pp=job["pp"], progress=False)
-    if job.get("fail_rank") == llm.parallel.rank:
-        inject_failure(llm, job.get("fail_after", 3), job.get("fail_how", "raises"))
-    out = {"info": {"tp": llm.parallel.grid.tp, "pp": llm.parallel.grid.pp,
-                    "stage_layers": llm.parallel.info["stage_layers"]}}
+    if job.get("apply_tp"):  # a whole model on every rank, sharded afterwards by xpu_llm.parallel.apply_tp
+        from xpu_llm.parallel import apply_tp, init_distributed
+        init_distributed("cpu")
+        llm = LLM(job["model"], low_bit=low_bit, group_size=job.get("group_size", 32), dtype=torch.float32,
+                  device="cpu", max_seq_len=job.get("max_seq_len", 64), progress=False)
+        apply_tp(llm.model)
+        out = {"info": {"tp": llm.model.tp_layout.tp, "pp": 1}}
+    else:
+        llm = LLM(job["model"], low_bit=low_bit, group_size=job.get("group_size", 32), dtype=torch.float32,
+                  device="cpu", max_seq_len=job.get("max_seq_len", 64), tp=job["tp"], pp=job["pp"], progress=False)
+        if job.get("fail_rank") == llm.parallel.rank:
+            inject_failure(llm, job.get("fail_after", 3), job.get("fail_how", "raises"))
+        out = {"info": {"tp": llm.parallel.grid.tp, "pp": llm.parallel.grid.pp,
+                        "stage_layers": llm.parallel.info["stage_layers"]}}
     for b in job.get("batches", [1, 3]):
         ids, mask = padded(job["prompts"][:b])
         t0 = time.perf_counter()

@@ -82,10 +82,13 @@ def test_two_ranks_tp2_and_pp2(tiny, tmp_path):
     """Started the way Intel MPI's mpirun starts ranks (PMI_RANK, PMI_SIZE, MPI_LOCALRANKID)."""
     jobs = [job(f"tp2-{lb}", tiny["llama_bias"], 2, 1, lb) for lb in LOW_BITS]
     jobs += [job(f"pp2-{lb}", tiny["qwen2"], 1, 2, lb) for lb in LOW_BITS]
+    jobs.append(job("apply_tp", tiny["qwen2"], 2, 1, "sym_int4", apply_tp=True))  # shard a loaded model
     ranks = run_jobs(2, jobs, tmp_path, launcher="mpi")
     for lb in LOW_BITS:
         compare(ranks, f"tp2-{lb}", reference(tiny["llama_bias"], lb, PROMPTS), PROMPTS)
         compare(ranks, f"pp2-{lb}", reference(tiny["qwen2"], lb, PROMPTS), PROMPTS)
+    compare(ranks, "apply_tp", reference(tiny["qwen2"], "sym_int4", PROMPTS), PROMPTS)
+    assert ranks[0]["apply_tp"]["info"]["tp"] == 2
     stages = [list(r) for r in ranks[0]["pp2-None"]["info"]["stage_layers"]]
     assert stages in ([[0, 3], [3, 5]], [[0, 2], [2, 5]]), stages
 
@@ -97,6 +100,7 @@ def test_four_ranks_tp4_pp4_and_tp2_pp2(tiny, tmp_path):
                  job(f"pp4-{lb}", tiny["llama"], 1, 4, lb),           # 5 layers over 4 stages
                  job(f"tp2pp2-{lb}", tiny["llama3_rope"], 2, 2, lb)]
     jobs.append(job("sampled", tiny["llama"], 2, 2, None, batches=[], sample=True))
+    jobs.append(job("auto", tiny["llama"], "auto", "auto", None, batches=[3]))  # the plan for 4 ranks
     ranks = run_jobs(4, jobs, tmp_path)
     for lb in LOW_BITS:
         compare(ranks, f"tp4-{lb}", reference(tiny["qwen2"], lb, PROMPTS), PROMPTS)
@@ -104,6 +108,8 @@ def test_four_ranks_tp4_pp4_and_tp2_pp2(tiny, tmp_path):
         compare(ranks, f"tp2pp2-{lb}", reference(tiny["llama3_rope"], lb, PROMPTS), PROMPTS)
     stages = ranks[0]["pp4-None"]["info"]["stage_layers"]
     assert len(stages) == 4 and sorted(b - a for a, b in stages) == [1, 1, 1, 2], stages
+    compare(ranks, "auto", reference(tiny["llama"], None, PROMPTS, batches=[3]), PROMPTS, batches=[3])
+    assert (ranks[0]["auto"]["info"]["tp"], ranks[0]["auto"]["info"]["pp"]) == (4, 1)  # tp first, within a host
     sampled = [r["sampled"]["sampled"].tolist() for r in ranks]
     assert all(s == sampled[0] for s in sampled), "ranks sampled different tokens"
 
