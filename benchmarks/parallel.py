@@ -41,6 +41,7 @@ from xpu_llm.generate import SamplingParams  # noqa: E402
 from xpu_llm.loading import meta_model  # noqa: E402
 from xpu_llm.lowbit.formats import get_format  # noqa: E402
 from xpu_llm.lowbit.linear import LowBitLinear  # noqa: E402
+from xpu_llm.model import RMSNorm  # noqa: E402
 from xpu_llm.parallel.dist import Grid, init_distributed, make_grid  # noqa: E402
 from xpu_llm.parallel.pipeline import StageRunner  # noqa: E402
 from xpu_llm.parallel.plan import PRESETS, Budget, estimate  # noqa: E402
@@ -83,7 +84,7 @@ def materialise(model: nn.Module, low_bit: str, group: int, dtype: torch.dtype, 
         elif isinstance(mod, nn.Embedding):
             mod.weight = nn.Parameter(torch.randn(mod.weight.shape, generator=gen, device=device).to(dtype),
                                       requires_grad=False)
-        elif type(mod).__name__ == "RMSNorm":
+        elif isinstance(mod, RMSNorm):
             mod.weight = nn.Parameter(torch.ones(mod.weight.shape, device=device, dtype=dtype), requires_grad=False)
 
 

@@ -197,3 +197,30 @@ def test_torchrun_cli_generate_pp2_prints_the_single_process_text(smollm2_path, 
                             timeout=240)
     assert single.returncode == 0, single.stderr[-3000:]
     assert single.stdout.strip() and multi.stdout == single.stdout
+
+
+@pytest.mark.slow
+def test_parallel_benchmark_smoke(tmp_path):
+    """benchmarks/parallel.py on two CPU ranks, tiny shape: it runs every mode and writes JSON + markdown."""
+    import json
+    import math
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from parallel_ranks import free_port
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "parallel.py"
+    out = tmp_path / "parallel.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(free_port()),
+           str(script), "--shape", "tiny", "--formats", "sym_int4", "--repeats", "1", "--new-tokens", "4",
+           "--prompt-len", "8", "--pp-batch", "4", "--out", str(out)]
+    p = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "XPU_LLM_DIST_TIMEOUT": "60"},
+                       capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    report = json.loads(out.read_text())
+    modes = {(r["mode"], r["batch"]) for r in report["rows"]}
+    assert modes == {("1 card", 1), ("1 card", 4), ("tp 2", 1), ("pp 2", 4)}
+    for r in report["rows"]:
+        assert math.isfinite(r["decode_tok_s"]) and r["decode_tok_s"] > 0 and r["new_tokens"] == 4 * r["batch"]
+    assert len(report["speedups"]) == 2 and (tmp_path / "parallel.md").read_text() in p.stdout
