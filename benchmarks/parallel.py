@@ -230,7 +230,7 @@ def main() -> None:
         dense = get_format(fmt).dense
         dtype = DENSE[fmt] if dense else (torch.float32 if device.type == "cpu" else torch.bfloat16)
         solo = Grid(world, 1, 1, 0, 0, None) if world.rank == 0 else None
-        with world.guard("the one-card runs"):
+        with world.guard(f"the {fmt} runs"):
             rows += run_mode("1 card", solo, cfg, fmt, args, device, dtype, [1, args.pp_batch])
             dist.barrier()
             tp_rows = run_mode(f"tp {n}", make_grid(world, n, 1), cfg, fmt, args, device, dtype, [1])
