@@ -240,8 +240,14 @@ def init_distributed(device: str | torch.device | None = None, backend: str | No
     if owns:
         kwargs = {"device_id": dev} if dev.type != "cpu" else {}
         log.info("rank %d/%d joining %s:%s over %s", rank, world_size, master_addr, master_port, backend)
-        dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
-                                world_size=world_size, timeout=timedelta(seconds=timeout_s), **kwargs)
+        try:
+            dist.init_process_group(backend, init_method=f"tcp://{master_addr}:{master_port}", rank=rank,
+                                    world_size=world_size, timeout=timedelta(seconds=timeout_s), **kwargs)
+        except (dist.DistError, RuntimeError, TimeoutError) as e:
+            raise DistributedError(
+                f"rank {rank} could not join the {world_size}-rank group at {master_addr}:{master_port} within "
+                f"{timeout_s:.0f} s ({str(e).splitlines()[0][:200]}): start all ranks, check MASTER_ADDR / "
+                "MASTER_PORT and that the port is reachable (XPU_LLM_DIST_TIMEOUT sets the wait)") from e
         atexit.register(shutdown)
     _WORLD = World(rank, world_size, local_rank, local_world, dev, backend, timeout_s, owns)
     _install_excepthook(_WORLD)

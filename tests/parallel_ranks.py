@@ -38,16 +38,16 @@ def launch_env(launcher: str, rank: int, world: int) -> dict[str, str]:
 
 
 def run_ranks(world: int, spec: dict, out_dir: str, timeout_s: float = 240.0, dist_timeout_s: float = 60.0,
-              launcher: str = "torchrun") -> list[RankResult]:
-    """Run parallel_worker.py on `world` ranks with `spec` (written to out_dir/spec.json); wait for all of them
-    at most `timeout_s` in total, then kill what is left."""
+              launcher: str = "torchrun", start: list[int] | None = None) -> list[RankResult]:
+    """Run parallel_worker.py on `world` ranks (or only those in `start`) with `spec` (written to
+    out_dir/spec.json); wait for all of them at most `timeout_s` in total, then kill what is left."""
     os.makedirs(out_dir, exist_ok=True)
     spec_path = os.path.join(out_dir, "spec.json")
     with open(spec_path, "w") as f:
         json.dump(spec, f)
     port = free_port()
     procs = []
-    for rank in range(world):
+    for rank in range(world) if start is None else start:
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "PMI_RANK", "PMI_SIZE")}
         env.update(launch_env(launcher, rank, world))
         env.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
@@ -57,7 +57,7 @@ def run_ranks(world: int, spec: dict, out_dir: str, timeout_s: float = 240.0, di
                                       start_new_session=True))
     deadline = time.monotonic() + timeout_s
     results = []
-    for rank, p in enumerate(procs):
+    for rank, p in zip(range(world) if start is None else start, procs):
         try:
             out, err = p.communicate(timeout=max(deadline - time.monotonic(), 0.1))
             results.append(RankResult(rank, p.returncode, out, err))

@@ -139,6 +139,14 @@ def test_failed_rank_ends_every_rank(tiny, tmp_path, how):
     assert elapsed < 45, f"the ranks took {elapsed:.0f} s to end"
 
 
+def test_missing_rank_is_a_timeout_error(tiny, tmp_path):
+    """Only rank 0 of 2 starts: it gives up after the rendezvous timeout with a message, not a hang."""
+    spec = job("alone", tiny["llama"], 2, 1, None)
+    (r,) = run_ranks(2, {"jobs": [spec]}, str(tmp_path), timeout_s=60, dist_timeout_s=3, start=[0])
+    assert r.returncode not in (0, None), r.stderr[-2000:]
+    assert "could not join the 2-rank group" in r.stderr, r.stderr[-2000:]
+
+
 def test_tp4_load_memory_per_rank(tmp_path):
     """Each rank of tp 4 reads only its slices: its peak while loading stays under 40% of one process's."""
     import json
