@@ -34,6 +34,8 @@ def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--speculative", default=None, choices=["lookup", "layer_skip", "lowbit"],
+                   help="self-speculative decoding with this draft (same output, fewer target passes)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,7 +123,7 @@ def _load(args, progress: bool = True):
 
 def _sampling(args) -> dict:
     return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, seed=args.seed, stop=args.stop)
+                top_p=args.top_p, seed=args.seed, stop=args.stop, speculative=args.speculative)
 
 
 def cmd_generate(args) -> int:

@@ -76,6 +76,13 @@ def sample(logits: Tensor, p: SamplingParams, generator: torch.Generator | None)
     """Next token per row from logits [B, V]: argmax at temperature 0, else top-k / top-p sampling."""
     if p.temperature == 0:
         return logits.argmax(dim=-1)
+    return torch.multinomial(sampling_probs(logits, p), 1, generator=generator).squeeze(-1)
+
+
+def sampling_probs(logits: Tensor, p: SamplingParams) -> Tensor:
+    """The distribution `sample` draws from (temperature > 0): float32 probabilities [..., V] after temperature,
+    top-k and top-p (speculative sampling needs it explicitly, for the target and the draft alike)."""
+    assert p.temperature > 0, "greedy decoding has no sampling distribution"
     logits = logits.float() / p.temperature
     if p.top_k is not None and p.top_k < logits.shape[-1]:
         kth = torch.topk(logits, p.top_k, dim=-1).values[..., -1:]
@@ -86,8 +93,7 @@ def sample(logits: Tensor, p: SamplingParams, generator: torch.Generator | None)
         drop = probs.cumsum(-1) - probs > p.top_p  # keep the smallest prefix whose mass reaches top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
-    probs = logits.softmax(-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return logits.softmax(-1)
 
 
 @torch.inference_mode()

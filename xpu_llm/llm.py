@@ -72,7 +72,7 @@ class LLM:
     def __init__(self, model: str | os.PathLike | None = None, low_bit: str | None = "auto", group_size: int = 64,
                  device: str | torch.device | None = None, max_seq_len: int | None = None,
                  dtype: str | torch.dtype | None = "auto", progress: bool | None = None,
-                 tp: int | str = 1, pp: int | str = 1) -> None:
+                 speculative: Any = None, tp: int | str = 1, pp: int | str = 1) -> None:
         source = resolve_source(model)
         if low_bit not in ("auto", None):
             check_format(low_bit, group_size)
@@ -104,6 +104,10 @@ class LLM:
         if self.max_seq_len > limit:
             log.warning("max_seq_len %d is beyond the model's trained context %d", self.max_seq_len, limit)
         self._tokenizer = None
+        # Self-speculative decoding for every call (a kind, a dict of options or a SpeculativeConfig; see
+        # speculative.py); drafts are built on first use and kept, keyed by their options.
+        self.speculative = self._speculative_config(speculative, None)
+        self._drafts: dict[tuple, Any] = {}
 
     # ------------------------------------------------------------------------------------------ basics
     def _speed_up_cpu(self, exact: bool) -> None:
@@ -166,8 +170,24 @@ class LLM:
         return tok(prompt)["input_ids"]
 
     # ------------------------------------------------------------------------------------------ generation
+    @staticmethod
+    def _speculative_config(spec: Any, default: Any):
+        if spec is None and default is None:
+            return None
+        from .speculative import speculative_config
+        return speculative_config(spec, default)
+
+    def _draft(self, cfg):
+        """The draft for a speculative config, built once (the lowbit copy quantizes the weights here)."""
+        key = cfg.draft_key()
+        if key not in self._drafts:
+            from .speculative import make_draft
+            kd = torch.bfloat16 if is_cpu(self.device) and self.dtype == torch.float32 else None
+            self._drafts[key] = make_draft(cfg, self.model, kernel_dtype=kd)
+        return self._drafts[key]
+
     def _run(self, prompts: list[list[int]], params: SamplingParams, stop: list[str] | None = None,
-             on_text=None) -> tuple[list[list[int]], GenerationStats]:
+             on_text=None, speculative: Any = None) -> tuple[list[list[int]], GenerationStats]:
         params.check()
         for p in prompts:
             if len(p) + params.max_new_tokens > self.max_seq_len:
@@ -185,8 +205,15 @@ class LLM:
                     on_text(row, text)
                 return bool(stop) and any(s in text for s in stop)
 
+        spec = self._speculative_config(speculative, self.speculative)
         if self.parallel is not None:
+            if spec is not None:
+                raise XpuLLMError("speculative decoding does not run with tp / pp yet; pass speculative=False")
             return self.parallel.generate(prompts, params, self._pad_id(), on_step, self.max_seq_len)
+        if spec is not None:
+            from .speculative import generate_speculative
+            return generate_speculative(self.model, self._draft(spec), prompts, params, self._pad_id(), on_step,
+                                        spec)
         return generate_tokens(self.model, prompts, params, self._pad_id(), on_step)
 
     def _decode(self, ids: list[list[int]], stop: list[str] | None) -> list[str]:
@@ -208,8 +235,9 @@ class LLM:
     def generate(self, prompts: Prompt | list[Prompt], max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
                  stop: list[str] | str | None = None, stop_token_ids: list[int] | None = None,
-                 chat: bool = False, ignore_eos: bool = False) -> list[GenerationResult]:
-        """Generate for one prompt or a batch; one result per prompt (.text, .token_ids, .stats)."""
+                 chat: bool = False, ignore_eos: bool = False, speculative: Any = None) -> list[GenerationResult]:
+        """Generate for one prompt or a batch; one result per prompt (.text, .token_ids, .stats).
+        `speculative` overrides the LLM's setting for this call (a draft kind, options, or False for plain)."""
         single = isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], dict))
         batch = [prompts] if single else list(prompts)
         if not batch:
@@ -217,7 +245,7 @@ class LLM:
         stop = [stop] if isinstance(stop, str) else stop
         prompt_ids = [self.encode(p, chat) for p in batch]
         params = self._params(max_new_tokens, temperature, top_k, top_p, seed, stop_token_ids, ignore_eos)
-        ids, stats = self._run(prompt_ids, params, stop)
+        ids, stats = self._run(prompt_ids, params, stop, speculative=speculative)
         texts = self._decode(ids, stop)
         results = []
         for i, t in zip(ids, texts):
@@ -228,7 +256,7 @@ class LLM:
 
     def stream(self, prompt: Prompt, max_new_tokens: int = 64, temperature: float = 0.0, top_k: int | None = None,
                top_p: float | None = None, seed: int | None = None, stop: list[str] | str | None = None,
-               chat: bool = False) -> Iterator[str]:
+               chat: bool = False, speculative: Any = None) -> Iterator[str]:
         """Yield text pieces as they decode (a piece is held back while it ends in an incomplete character)."""
         import queue
         import threading
@@ -249,7 +277,7 @@ class LLM:
 
         def work() -> None:
             try:
-                ids, _ = self._run(prompt_ids, params, stop, on_text)
+                ids, _ = self._run(prompt_ids, params, stop, on_text, speculative=speculative)
                 texts = self._decode(ids, stop)
                 if len(texts[0]) > sent[0]:
                     q.put(texts[0][sent[0]:])
@@ -267,7 +295,8 @@ class LLM:
 
     def generate_ids(self, input_ids: Tensor, max_new_tokens: int = 64, temperature: float = 0.0,
                      top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                     attention_mask: Tensor | None = None, ignore_eos: bool = False) -> Tensor:
+                     attention_mask: Tensor | None = None, ignore_eos: bool = False,
+                     speculative: Any = None) -> Tensor:
         """Tensor in, tensor out: [B, T] prompt ids (left-padded with `attention_mask` if ragged) → [B, T + n]
         with the new ids appended (rows that stopped early are filled with the pad id)."""
         if input_ids.dim() == 1:
@@ -275,7 +304,7 @@ class LLM:
         rows = [r[m.bool()].tolist() if attention_mask is not None else r.tolist()
                 for r, m in zip(input_ids.cpu(), attention_mask.cpu() if attention_mask is not None else input_ids.cpu())]
         params = self._params(max_new_tokens, temperature, top_k, top_p, seed, None, ignore_eos)
-        ids, _ = self._run(rows, params)
+        ids, _ = self._run(rows, params, speculative=speculative)
         n = max(len(i) for i in ids)
         pad = self._pad_id()
         new = torch.tensor([i + [pad] * (n - len(i)) for i in ids], dtype=input_ids.dtype)

@@ -2,6 +2,8 @@
 a static KV cache, SwiGLU MLP. Plain nn.Module; quantization and parallelism are applied from outside."""
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -33,10 +35,16 @@ class KVCache(nn.Module):
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor, kv_len: int | None) -> tuple[Tensor, Tensor]:
-        """Write k, v [B, H, T, D] at slots `input_pos` and return the cache up to `kv_len` slots."""
+        """Write k, v [B, H, T, D] at slots `input_pos` ([T], or [B, T]: each row its own slots) and return the
+        cache up to `kv_len` slots."""
         b = k.shape[0]
-        self.k_cache[:b, :, input_pos] = k
-        self.v_cache[:b, :, input_pos] = v
+        if input_pos.dim() == 2:  # per-row slots (speculative decoding: rows accept different numbers of tokens)
+            idx = input_pos.view(b, 1, -1, 1).expand_as(k)
+            self.k_cache[:b].scatter_(2, idx, k)
+            self.v_cache[:b].scatter_(2, idx, v)
+        else:
+            self.k_cache[:b, :, input_pos] = k
+            self.v_cache[:b, :, input_pos] = v
         end = self.k_cache.shape[2] if kv_len is None else kv_len
         return self.k_cache[:b, :, :end], self.v_cache[:b, :, :end]
 
@@ -127,21 +135,23 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", emb.sin().to(dtype), persistent=False)
 
     def forward(self, tokens: Tensor, input_pos: Tensor, pad: Tensor | None = None,
-                kv_len: int | None = None, last_only: bool = False) -> Tensor:
-        """Logits for `tokens` [B, T] written at cache slots `input_pos` [T].
+                kv_len: int | None = None, last_only: bool = False,
+                layers: Sequence[int] | None = None) -> Tensor:
+        """Logits for `tokens` [B, T] written at cache slots `input_pos` [T] (or [B, T], each row its own).
 
         `pad` [B] counts each row's left-padding slots (their keys are masked and RoPE positions start
         after them); `kv_len` bounds the cache slots attended to (None: all); `last_only` computes
-        logits for the last position only (decode and prefill-for-generation)."""
+        logits for the last position only (decode and prefill-for-generation); `layers` runs only those
+        layer indices (a layer-skipping draft of self-speculative decoding; None: all)."""
         b, t = tokens.shape
         assert self.max_seq_len > 0, "call setup_caches(batch, max_seq_len) before forward"
         assert b <= self.max_batch_size, f"batch {b} exceeds the cache's batch {self.max_batch_size}"
         kv = self.max_seq_len if kv_len is None else kv_len
-        pos = input_pos.view(1, t) if pad is None else (input_pos.view(1, t) - pad.view(b, 1)).clamp_min(0)
+        pos = input_pos.view(-1, t) if pad is None else (input_pos.view(-1, t) - pad.view(b, 1)).clamp_min(0)
         cos, sin = self.rope_cos[pos].unsqueeze(1), self.rope_sin[pos].unsqueeze(1)  # [B|1, 1, T, D]
         masks: dict[int | None, Tensor] = {}
         x = self.tok_embeddings(tokens)
-        for layer in self.layers:
+        for layer in self.layers if layers is None else [self.layers[i] for i in layers]:
             w = layer.attention.window
             if w not in masks:
                 masks[w] = attention_mask(input_pos, kv, pad, w)
@@ -160,10 +170,11 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 def attention_mask(input_pos: Tensor, kv_len: int, pad: Tensor | None = None,
                    window: int | None = None) -> Tensor:
-    """Boolean mask [B|1, 1, T, kv_len]: causal over cache slots, left padding hidden, optional sliding window.
+    """Boolean mask [B|1, 1, T, kv_len]: causal over cache slots (`input_pos` [T] or [B, T]), left padding
+    hidden, optional sliding window.
 
     A padding query row may always see its own slot, so that no row is fully masked (no NaN)."""
-    q = input_pos.view(1, 1, -1, 1)
+    q = input_pos.view(-1, 1, input_pos.shape[-1], 1)
     k = torch.arange(kv_len, device=input_pos.device).view(1, 1, 1, -1)
     mask = k <= q
     if window is not None:

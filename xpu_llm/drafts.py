@@ -1,0 +1,288 @@
+"""Drafts for self-speculative decoding (speculative.py verifies what they propose):
+
+- `LowBitDraft`   ("lowbit"): the target's weights re-quantized to a 4-bit format, with its own KV cache;
+- `LayerSkipDraft` ("layer_skip"): the target itself running a subset of its layers; no second copy of the
+  weights, and no second KV cache either (it writes draft keys/values into the target's cache at the slots the
+  verification pass overwrites next);
+- `LookupDraft`   ("lookup"): continuations of n-gram matches in the prompt and the text so far (no model).
+
+A draft proposes up to k tokens per row; a model draft stops early once its top probability falls under the
+threshold (speculative.py adapts it). Everything is per row: rows sit at different cache slots."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .errors import XpuLLMError
+from .generate import Batch, SamplingParams, sampling_probs
+from .model import Transformer
+
+log = logging.getLogger(__name__)
+
+DRAFT_KINDS = ("lowbit", "layer_skip", "lookup")
+
+
+@dataclass
+class DecodeState:
+    """Where each row of the batch stands between verification passes.
+
+    Slots [0, pos) of the target's cache hold committed tokens; `pending` (sampled, not yet in the cache) goes at
+    slot `pos`; `prev` is the token at slot pos - 1. `hist` is each row's prompt (unpadded) plus its output."""
+    pending: Tensor  # [B] long
+    prev: Tensor  # [B] long
+    pos: Tensor  # [B] long
+    pad: Tensor | None  # [B] left padding, or None
+    live: Tensor  # [B] bool: rows still generating
+    hist: list[list[int]]
+    max_seq_len: int
+
+    def live_max_pos(self) -> int:
+        """The largest slot among live rows (attention spans up to it)."""
+        return int(self.pos[self.live].max()) if bool(self.live.any()) else int(self.pos.max())
+
+
+def slots_arg(slots: Tensor) -> Tensor:
+    """Cache slots [B, T] as the model takes them: one row's slots as [T] (the shared-slot path, which fast
+    single-token kernels handle), else per row."""
+    return slots.view(-1) if slots.shape[0] == 1 else slots
+
+
+@dataclass
+class Proposal:
+    """Draft tokens [B, k] (row r proposes its first counts[r]; the rest is filler), the draft distributions
+    q [B, k, V] they were sampled from (None: deterministic drafts, q one-hot at the token; and greedy), and
+    the number of draft model forwards spent."""
+    tokens: Tensor
+    counts: Tensor
+    q: Tensor | None = None
+    steps: int = 0
+
+
+class ModelDraft:
+    """A draft that runs a model: k forwards of one position (the first may catch up a second), each proposing
+    the argmax (greedy) or a sample of the draft distribution q (sampling)."""
+
+    kind = "model"
+
+    def prepare(self, batch: Batch, max_seq_len: int) -> None:
+        """Called once per generate call, after the target's prefill."""
+
+    def first_input(self, st: DecodeState) -> tuple[Tensor, Tensor]:
+        """Tokens and slots [B, T] of the first draft forward of a round."""
+        return st.pending.view(-1, 1), st.pos.view(-1, 1)
+
+    def forward(self, tokens: Tensor, input_pos: Tensor, pad: Tensor | None, kv_len: int) -> Tensor:
+        """Logits [B, V] of the last of `tokens` [B, T] at slots `input_pos` [B, T]."""
+        raise NotImplementedError
+
+    @torch.inference_mode()
+    def propose(self, st: DecodeState, k: int, params: SamplingParams, gen: torch.Generator | None,
+                threshold: float, k_min: int) -> Proposal:
+        """Up to k drafts per row; row r stops after the first draft whose top probability is under `threshold`
+        (never before k_min drafts); the batch stops when every live row has stopped."""
+        b = st.pending.shape[0]
+        last = st.max_seq_len - 1
+        tokens, input_pos = self.first_input(st)
+        drafting = st.live.clone()
+        counts = torch.zeros(b, dtype=torch.long, device=st.pos.device)
+        out: list[Tensor] = []
+        qs: list[Tensor] = []
+        base = st.live_max_pos()
+        for j in range(k):
+            logits = self.forward(tokens, slots_arg(input_pos.clamp(max=last)), st.pad, min(base + j + 1, last + 1))
+            if params.temperature == 0:
+                conf, d = logits.float().softmax(-1).max(-1)
+            else:
+                q = sampling_probs(logits, params)
+                d = torch.multinomial(q, 1, generator=gen).squeeze(-1)
+                conf = q.max(-1).values
+                qs.append(q)
+            out.append(d)
+            counts += drafting
+            drafting &= ~((conf < threshold) & (j + 1 >= k_min))
+            if j + 1 == k or not bool(drafting.any()):
+                break
+            tokens, input_pos = d.view(-1, 1), (st.pos + j + 1).view(-1, 1)
+        return Proposal(torch.stack(out, 1), counts, torch.stack(qs, 1) if qs else None, steps=len(out))
+
+
+class LayerSkipDraft(ModelDraft):
+    """The target running only `layers` (indices into model.layers) over the target's own KV cache.
+
+    The skipped layers' cache slots are left alone; the kept layers get draft keys/values at slots pos.. that
+    the target's verification pass (which writes slots pos..pos+k in every layer) overwrites. Earlier slots hold
+    the target's own keys/values, so each draft step attends to the exact target context."""
+
+    kind = "layer_skip"
+
+    def __init__(self, model: Transformer, layers: Sequence[int]) -> None:
+        n = len(model.layers)
+        layers = sorted(set(int(i) for i in layers))
+        if not layers or layers[0] < 0 or layers[-1] >= n:
+            raise XpuLLMError(f"layer_skip layers must be a non-empty subset of 0..{n - 1}, got {layers}")
+        if len(layers) == n:
+            log.warning("layer_skip keeps all %d layers: the draft costs as much as the target", n)
+        self.model, self.layers = model, tuple(layers)
+
+    def forward(self, tokens: Tensor, input_pos: Tensor, pad: Tensor | None, kv_len: int) -> Tensor:
+        return self.model(tokens, input_pos, pad=pad, kv_len=kv_len, last_only=True, layers=self.layers)[:, -1]
+
+
+class LowBitDraft(ModelDraft):
+    """A second copy of the target with its linear layers in a 4-bit format and its own KV cache; embeddings and
+    norms are shared with the target, linears already in a ≤ 4-bit format too."""
+
+    kind = "lowbit"
+
+    def __init__(self, model: Transformer, low_bit: str = "sym_int4", group_size: int = 64,
+                 kernel_dtype: torch.dtype | None = None) -> None:
+        self.target = model
+        self.model, share = lowbit_copy(model, low_bit, group_size, kernel_dtype)
+        if share < 0.5:
+            raise XpuLLMError(
+                f"the target's linear layers are already in a format of at most 4 bits (all but {share:.0%} of "
+                f"their weights), so a {low_bit} draft would cost about as much as the target; use "
+                "speculative='layer_skip' or 'lookup' instead, or load the target in a wider format "
+                "(low_bit=None, 'bf16', 'sym_int8', 'fp8_e4m3')")
+
+    def prepare(self, batch: Batch, max_seq_len: int) -> None:
+        """Allocate the draft's cache like the target's and prefill the prompts into it."""
+        t = self.target
+        dtype = t.layers[0].attention.kv_cache.k_cache.dtype
+        self.model.setup_caches(max(t.max_batch_size, batch.tokens.shape[0]), max_seq_len, dtype=dtype,
+                                device=t.norm.weight.device)
+        with torch.inference_mode():
+            n = batch.tokens.shape[1]
+            self.model(batch.tokens, torch.arange(n, device=batch.tokens.device), pad=batch.pad, kv_len=n,
+                       last_only=True)
+
+    def first_input(self, st: DecodeState) -> tuple[Tensor, Tensor]:
+        # Slot pos - 1 is missing from the draft's cache when the last round accepted every draft (the draft
+        # never ran on its own last proposal): recompute it every time, in the same forward.
+        return torch.stack([st.prev, st.pending], 1), torch.stack([st.pos - 1, st.pos], 1)
+
+    def forward(self, tokens: Tensor, input_pos: Tensor, pad: Tensor | None, kv_len: int) -> Tensor:
+        return self.model(tokens, input_pos, pad=pad, kv_len=kv_len, last_only=True)[:, -1]
+
+
+def lowbit_copy(model: Transformer, low_bit: str, group_size: int,
+                kernel_dtype: torch.dtype | None = None) -> tuple[Transformer, float]:
+    """A Transformer sharing `model`'s embeddings and norms, with every linear re-quantized to `low_bit`
+    (wider low-bit formats are dequantized first; ≤ 4-bit ones are shared); returns it and the share of the
+    linear weights that were re-quantized (the rest the draft reads just as the target does)."""
+    from .loading import meta_model, quantize_rows
+    from .lowbit.formats import get_format
+    from .lowbit.linear import LowBitLinear
+
+    fmt = get_format(low_bit)
+    if fmt.dense or fmt.bits > 4:
+        raise XpuLLMError(f"the lowbit draft needs a 4-bit format (sym_int4, asym_int4, nf4, fp4), got {low_bit}")
+    draft = meta_model(model.config)
+    draft.tok_embeddings, draft.norm = model.tok_embeddings, model.norm
+    made, total = 0, 0
+
+    def convert(src: nn.Module, name: str) -> nn.Module:
+        nonlocal made, total
+        total += src.in_features * src.out_features
+        if isinstance(src, LowBitLinear):
+            if src.fmt.bits <= 4:
+                return src
+            weight, bias = src.dequantize_weight(torch.float32), src.bias
+        elif type(src) is nn.Linear:
+            weight, bias = src.weight.detach().float(), src.bias
+        else:
+            raise XpuLLMError(f"{name} is a {type(src).__name__}; the lowbit draft handles nn.Linear and "
+                              "LowBitLinear layers only (use layer_skip or lookup with this model)")
+        in_f, out_f = src.in_features, src.out_features
+        g = next((s for s in (group_size, 64, 32) if in_f % s == 0), None)
+        if g is None:
+            log.warning("%s: in_features %d fits no group size; the draft shares the target's layer", name, in_f)
+            return src
+        q = quantize_rows(fmt.name, weight, g)
+        layer = LowBitLinear.from_quantized(q, in_f, out_f, fmt.name, g,
+                                            bias=None if bias is None else bias.detach())
+        layer.kernel_dtype = kernel_dtype
+        made += in_f * out_f
+        return layer
+
+    for i, (src, dst) in enumerate(zip(model.layers, draft.layers)):
+        dst.attention_norm, dst.ffn_norm = src.attention_norm, src.ffn_norm
+        dst.attention.wqkv = convert(src.attention.wqkv, f"layers.{i}.attention.wqkv")
+        dst.attention.wo = convert(src.attention.wo, f"layers.{i}.attention.wo")
+        dst.feed_forward.w13 = convert(src.feed_forward.w13, f"layers.{i}.feed_forward.w13")
+        dst.feed_forward.w2 = convert(src.feed_forward.w2, f"layers.{i}.feed_forward.w2")
+    draft.output = convert(model.output, "output")
+    left = [n for n, t in list(draft.named_parameters()) + list(draft.named_buffers()) if t.is_meta]
+    assert not left, f"lowbit draft: tensors left on meta: {left[:4]}"
+    return draft.eval(), made / max(total, 1)
+
+
+class LookupDraft:
+    """Prompt lookup: the longest (≤ ngram_max) suffix of a row's tokens that occurred before, most recent
+    occurrence first; the tokens that followed it are the drafts. Deterministic, so q is one-hot."""
+
+    kind = "lookup"
+
+    def __init__(self, ngram_max: int = 3, ngram_min: int = 1) -> None:
+        if not 1 <= ngram_min <= ngram_max:
+            raise XpuLLMError(f"lookup needs 1 <= ngram_min <= ngram_max, got {ngram_min}, {ngram_max}")
+        self.ngram_max, self.ngram_min = ngram_max, ngram_min
+        self._index: list[dict[tuple[int, ...], int]] = []
+        self._seen: list[int] = []
+
+    def prepare(self, batch: Batch, max_seq_len: int) -> None:
+        b = batch.tokens.shape[0]
+        self._index, self._seen = [{} for _ in range(b)], [0] * b
+
+    def _extend(self, r: int, h: list[int]) -> None:
+        """Index n-grams of h whose continuation exists: key h[j-n:j] -> j (latest j wins)."""
+        idx = self._index[r]
+        for j in range(max(self._seen[r], 1), len(h)):
+            for n in range(self.ngram_min, min(self.ngram_max, j) + 1):
+                idx[tuple(h[j - n:j])] = j
+        self._seen[r] = max(self._seen[r], len(h))
+
+    def continuation(self, r: int, h: list[int], k: int) -> list[int]:
+        """Up to k tokens that followed the most recent earlier occurrence of the longest matching suffix."""
+        self._extend(r, h)
+        idx = self._index[r]
+        for n in range(min(self.ngram_max, len(h) - 1), self.ngram_min - 1, -1):
+            start = idx.get(tuple(h[len(h) - n:]))
+            if start is not None:
+                return h[start:start + k]
+        return []
+
+    def propose(self, st: DecodeState, k: int, params: SamplingParams, gen: torch.Generator | None,
+                threshold: float, k_min: int) -> Proposal:
+        live = st.live.tolist()
+        conts = [self.continuation(r, h, k) if live[r] else [] for r, h in enumerate(st.hist)]
+        width = max((len(c) for c in conts), default=0)
+        pend = st.pending.tolist()
+        rows = [c + [pend[r]] * (width - len(c)) for r, c in enumerate(conts)]
+        dev = st.pos.device
+        tokens = torch.tensor(rows, dtype=torch.long, device=dev).view(len(rows), width)
+        counts = torch.tensor([len(c) for c in conts], dtype=torch.long, device=dev)
+        return Proposal(tokens, counts)
+
+
+def default_skip_layers(n_layers: int) -> tuple[int, ...]:
+    """The layer_skip draft's default subset (chosen by measurement on SmolLM2, see README): PLACEHOLDER."""
+    keep = max(1, n_layers // 2)
+    return tuple(range(keep))
+
+
+def build_draft(kind: str, model: Transformer, layers: Sequence[int] | None = None, low_bit: str = "sym_int4",
+                group_size: int = 64, kernel_dtype: torch.dtype | None = None, ngram_max: int = 3,
+                ngram_min: int = 1):
+    """The draft object for `kind` over `model`."""
+    if kind == "lookup":
+        return LookupDraft(ngram_max, ngram_min)
+    if kind == "layer_skip":
+        return LayerSkipDraft(model, default_skip_layers(len(model.layers)) if layers is None else layers)
+    if kind == "lowbit":
+        return LowBitDraft(model, low_bit, group_size, kernel_dtype)
+    raise XpuLLMError(f"unknown speculative draft kind {kind!r}; choose one of {', '.join(DRAFT_KINDS)}")
