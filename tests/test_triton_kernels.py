@@ -52,6 +52,12 @@ if RUN_HERE:
     GemvConfig, DotConfig = tgemv.GemvConfig, tgemm.DotConfig
 
 
+@pytest.fixture(autouse=True)
+def _no_autotune(monkeypatch):
+    """Tests pin their configs or take the untuned default (tuning is tested once, on GPUs)."""
+    monkeypatch.setenv("XPU_LLM_TRITON_AUTOTUNE", "0")
+
+
 @here
 def test_kernels_built_for_this_machine():
     assert tops.is_interpreting() != ON_GPU
@@ -148,10 +154,11 @@ def test_dispatch_every_path_and_dtype(name):
             x = _x(m, k, dtype)
             kind = tops.path(m, dtype)
             w_ref = fmt.dequantize(q, g, torch.float32 if kind == "gemv" else dtype)
-            tol = (2e-3, 2e-4) if dtype == torch.bfloat16 else (3e-4, 2e-4) if dtype == torch.float16 else (1e-5, 1e-5)
+            # the vendor matmul (which the tuner may pick for m > 1) may reduce split-K partials in 16 bits
+            tol = (2e-3, 1e-3) if dtype == torch.bfloat16 else (3e-4, 3e-4) if dtype == torch.float16 else (1e-5, 1e-5)
             _check(tops.matmul(x, args, out=_nan(m, N_OUT, dtype=dtype)), x, w_ref, *tol)
     x = _x(20, k)
-    _check(tops.matmul(x, args, kind="dequant"), x, fmt.dequantize(q, g, torch.bfloat16))
+    _check(tops.matmul(x, args, kind="dequant"), x, fmt.dequantize(q, g, torch.bfloat16), 2e-3, 1e-3)
 
 
 @here
@@ -222,6 +229,23 @@ def test_every_tuning_candidate_is_correct(name):
         x = _x(m, GROUPS * g)
         for cfg in ttune.dot_candidates(x, args):
             _check(tgemm.run(x, args, cfg, _nan(m, N_OUT, dtype=x.dtype)), x, w_act)
+
+
+@pytest.mark.skipif(not ON_GPU, reason="tuning times kernels on a GPU")
+def test_autotune_picks_a_candidate_and_caches_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("XPU_LLM_TRITON_AUTOTUNE", "1")
+    monkeypatch.setenv("XPU_LLM_CACHE", str(tmp_path))
+    monkeypatch.setattr(ttune, "_memory", {})
+    monkeypatch.setattr(ttune, "_fast", {})
+    monkeypatch.setattr(ttune, "_disk_loaded", False)
+    fmt, q, args = _weight("sym_int4", 64, seed=5)
+    for m in (1, 8):
+        x = _x(m, GROUPS * 64)
+        kind = tops.path(m, x.dtype)
+        _check(tops.matmul(x, args), x, fmt.dequantize(q, 64, torch.float32 if kind == "gemv" else torch.bfloat16),
+               2e-3, 1e-3)
+    assert len(ttune._fast) == 2 and len(ttune._memory) == 2
+    assert (tmp_path / "triton_tune.json").exists()
 
 
 @pytest.mark.skipif(not ON_GPU, reason="the layer dispatch reaches the Triton kernels on GPUs only")
