@@ -38,3 +38,21 @@ def test_gpu_bf16_close(tiny_checkpoints, low_bit):
     assert fast.dtype == torch.bfloat16
     a, b = ref.logits(IDS[:1]), fast.logits(IDS[:1]).cpu()
     assert ((a - b).norm() / a.norm()).item() < 3e-2
+
+
+@pytest.mark.parametrize("low_bit", [None, "sym_int4", "nf4"], ids=lambda f: str(f))
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_graphed_decode_equals_eager(tiny_checkpoints, low_bit, family, monkeypatch):
+    """The graph-captured decode step (one graph per batch size, replayed at every position) gives the eager
+    step's tokens, batch 1 and 2 (left-padded), twice in a row (the second call replays the first's graph)."""
+    from xpu_llm.graphs import GraphedStep
+    path = tiny_checkpoints[family][0]
+    llm = LLM(path, low_bit=low_bit, group_size=32, dtype=torch.float32, device=GPU, max_seq_len=64)
+    for ids, mask in ((IDS[:1], MASK[:1]), (IDS, MASK)):
+        monkeypatch.setenv("XPU_LLM_GRAPHS", "0")
+        eager = llm.generate_ids(ids, max_new_tokens=24, attention_mask=mask, ignore_eos=True).tolist()
+        monkeypatch.setenv("XPU_LLM_GRAPHS", "1")
+        for _ in range(2):
+            assert llm.generate_ids(ids, max_new_tokens=24, attention_mask=mask, ignore_eos=True).tolist() == eager
+    graphs = llm.model.__dict__["_decode_graphs"]
+    assert set(graphs) == {1, 2} and all(isinstance(g, GraphedStep) and g.replay for g in graphs.values())

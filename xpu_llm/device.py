@@ -73,6 +73,21 @@ def synchronize(device: torch.device | str | None = None) -> None:
         mod.synchronize(dev)
 
 
+def capture_graph(fn, device: torch.device | str):
+    """Run `fn` once under graph capture on `device` (a CUDA graph, an XPU graph) and return a function that
+    replays it; None where the device has no graphs (the CPU). `fn` must already have run once eagerly
+    (lazy initialisations, autotuning) and must not synchronise with the host."""
+    dev = torch.device(device)
+    mod = device_module(dev)
+    graph_cls = None if mod is None else getattr(mod, "CUDAGraph", None) or getattr(mod, "XPUGraph", None)
+    if graph_cls is None or not hasattr(mod, "graph"):
+        return None
+    graph = graph_cls()
+    with mod.graph(graph):
+        fn()
+    return graph.replay
+
+
 def set_device(device: torch.device | str) -> None:
     """Make `device` current for its runtime (per-rank card binding)."""
     dev = torch.device(device)

@@ -138,6 +138,8 @@ def generate_tokens(model: Transformer, prompts: list[list[int]], params: Sampli
     synchronize(device)
     t1 = time.perf_counter()
     stats.prefill_s = t1 - t0
+    from .graphs import decoder
+    decode = decoder(model, b, batch.pad)  # graph-captured on accelerators
     for step in range(params.max_new_tokens):
         ids = nxt.tolist()
         for r in range(b):
@@ -149,7 +151,7 @@ def generate_tokens(model: Transformer, prompts: list[list[int]], params: Sampli
                 done[r] = True
         if all(done) or step == params.max_new_tokens - 1:
             break
-        nxt = sample(decode_one_token(model, nxt, t + step, batch.pad), params, gen)
+        nxt = sample(decode(nxt, t + step), params, gen)
     synchronize(device)
     stats.decode_s = time.perf_counter() - t1
     return out, stats

@@ -1,0 +1,66 @@
+"""Graph-captured decode steps for accelerators: `decoder(model, batch)` returns the function that computes one
+decode step's logits; on a GPU it is captured once per batch size into an accelerator graph (CUDA / XPU graphs,
+through xpu_llm.device) and replayed, which removes the per-kernel launch cost that bounds eager decoding of
+small batches. The captured step has static shapes: the token, its cache slot and the rows' left padding live in
+fixed buffers, attention reads every cache slot with the mask built from the slot on the device, so one graph
+serves every position. CPUs (and XPU_LLM_GRAPHS=0) run the eager step."""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from .device import capture_graph, is_cpu
+from .model import Transformer
+
+Step = Callable[[Tensor, int], Tensor]  # (token [B], slot) -> logits [B, V]
+
+
+class GraphedStep:
+    """One decode step of `model` for `batch` rows, captured and replayed (see the module docstring)."""
+
+    def __init__(self, model: Transformer, batch: int) -> None:
+        dev = model.norm.weight.device
+        self.model, self.batch = model, batch
+        self.token = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+        self.slot = torch.zeros(1, dtype=torch.long, device=dev)
+        self.pad = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.logits: Tensor | None = None
+        self.replay = None
+        self.cache = model.layers[0].attention.kv_cache  # a new cache (setup_caches) needs a new graph
+
+    def _step(self) -> None:
+        self.logits = self.model(self.token, self.slot, pad=self.pad, kv_len=None, last_only=True)[:, -1]
+
+    @torch.inference_mode()
+    def __call__(self, token: Tensor, slot: int, pad: Tensor | None) -> Tensor:
+        self.token.copy_(token.view(-1, 1))
+        self.slot.fill_(slot)
+        if pad is None:
+            self.pad.zero_()
+        else:
+            self.pad.copy_(pad)
+        if self.replay is None:
+            # Warm up eagerly on this very step (the same cache writes the replay will make), then capture.
+            self._step()
+            self.replay = capture_graph(self._step, self.token.device)
+        self.replay()
+        return self.logits
+
+
+def graphs_enabled(model: Transformer) -> bool:
+    return not is_cpu(model.norm.weight.device) and os.environ.get("XPU_LLM_GRAPHS", "1") != "0"
+
+
+def decoder(model: Transformer, batch: int, pad: Tensor | None) -> Callable[[Tensor, int], Tensor]:
+    """The decode step for this batch: a replayed graph on accelerators, the eager step elsewhere."""
+    from .generate import decode_one_token
+    if not graphs_enabled(model):
+        return lambda token, slot: decode_one_token(model, token, slot, pad)
+    graphs: dict = model.__dict__.setdefault("_decode_graphs", {})
+    step = graphs.get(batch)
+    if step is None or step.cache is not model.layers[0].attention.kv_cache:
+        step = graphs[batch] = GraphedStep(model, batch)
+    return lambda token, slot: step(token, slot, pad)
