@@ -44,8 +44,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--formats", default=FORMATS, help=f"comma list (default {FORMATS}); bf16 = dense F.linear")
     p.add_argument("--shapes", default=SHAPES_8B, help="NxK list (default: the Llama-3-8B linears)")
     p.add_argument("--rows", default="1,4,16,2048", help="activation rows M (decode 1-16, prefill above)")
-    p.add_argument("--paths", default="auto", help="auto or a comma list of gemv,skinny,fused,dequant (skinny and fused "
-                                                   "= the fused GEMM alone; auto may pick dequant per shape)")
+    p.add_argument("--paths", default="auto",
+                   help="auto or a comma list of gemv,skinny,fused,dequant (skinny and fused = the fused GEMM "
+                        "alone; auto may pick dequant per shape)")
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     p.add_argument("--rep-ms", type=int, default=100, help="do_bench repeat time per row (ms)")
@@ -110,7 +111,7 @@ def run_row(fmt_name: str, n: int, k: int, m: int, path: str, g: int, dtype: tor
         def make_fn(wd=wd):
             wc = wd.clone()
             return lambda: F.linear(x, wc)
-        fn = lambda: F.linear(x, wd)  # noqa: E731
+        fn = make_fn()
         row.update(path="vendor", weight_bytes=2 * n * k)
         ref_w = wd.float()
     else:
@@ -157,12 +158,14 @@ def run_row(fmt_name: str, n: int, k: int, m: int, path: str, g: int, dtype: tor
 
 def markdown(report: dict) -> str:
     bw = report["copy_bandwidth_gbs"]
-    lines = [f"Device: {report['device']}; copy bandwidth {bw:.0f} GB/s; group size {report['settings']['group_size']}, "
-             f"{report['settings']['dtype']} activations. us: per call, from a device graph replaying the calls over "
-             f"rotating weight copies (weights come from memory, launch overhead excluded; eager where the device has "
-             f"no graphs); eager us: triton do_bench median with L2 flushed, Python launch included.", "",
-             "| format | N x K | M | path | us | eager us | weight GB/s | % copy BW | TFLOP/s | % bf16 matmul | rel err "
-             "| config |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    settings = report["settings"]
+    intro = (f"Device: {report['device']}; copy bandwidth {bw:.0f} GB/s; group size {settings['group_size']}, "
+             f"{settings['dtype']} activations. us: per call, from a device graph replaying the calls over rotating "
+             f"weight copies (weights come from memory, launch overhead excluded; eager where the device has no "
+             f"graphs); eager us: triton do_bench median with L2 flushed, Python launch included.")
+    header = ("| format | N x K | M | path | us | eager us | weight GB/s | % copy BW | TFLOP/s | % bf16 matmul "
+              "| rel err | config |")
+    lines = [intro, "", header, "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
         shape = f"{r['n']}x{r['k']}"
         if "us" not in r:
@@ -196,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             if m > 16:
                 a = torch.randn(m, k, device=device, dtype=dtype)
                 b = torch.randn(n, k, device=device, dtype=dtype)
-                t = bench(lambda: torch.matmul(a, b.t()), args.rep_ms)
+                t = bench(lambda a=a, b=b: torch.matmul(a, b.t()), args.rep_ms)
                 vendor[(m, n, k)] = 2 * m * n * k / (t * 1e-3) / 1e12
                 del a, b
     rows = []

@@ -38,7 +38,7 @@ def test_interpreter_suite():
     env = {**os.environ, "TRITON_INTERPRET": "1", "XPU_LLM_TRITON_AUTOTUNE": "0", "OMP_NUM_THREADS": "1"}
     p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
                        cwd=os.path.dirname(os.path.abspath(__file__)), env=env, capture_output=True, text=True,
-                       timeout=900)
+                       timeout=900, check=False)
     tail = (p.stdout + p.stderr)[-6000:]
     assert p.returncode == 0, f"interpreter run failed:\n{tail}"
     print(tail.strip().splitlines()[-1])
@@ -173,7 +173,7 @@ def test_path_choice():
 @pytest.mark.parametrize("name", LOW_BIT_NAMES)
 def test_kernel_object_state_is_canonical(name):
     """pack is a view of the canonical qweight (nothing duplicated) and unpack restores it bit-exactly."""
-    fmt, q, _ = _weight(name, 64, n=40)
+    _, q, _ = _weight(name, 64, n=40)
     kern = tops.select(name, 40, GROUPS * 64, 64, torch.bfloat16)
     assert kern is tops.KERNELS[name] and not kern.droppable()
     state = kern.pack(q, 40, GROUPS * 64, 64)

@@ -92,7 +92,8 @@ def _dequant_kernel(q_ptr, s_ptr, z_ptr, lut_ptr, w_ptr, N, K, stride_qn, stride
         w = v * s[:, :, None]
     re = tl.arange(0, G)
     off = rn[:, None, None] * stride_wn + gi[None, :, None] * G + re[None, None, :]
-    tl.store(w_ptr + off, cast(w, w_ptr.dtype.element_ty, SOFT_BF16), mask=(n_mask[:, None] & g_mask[None, :])[:, :, None])
+    mask = (n_mask[:, None] & g_mask[None, :])[:, :, None]
+    tl.store(w_ptr + off, cast(w, w_ptr.dtype.element_ty, SOFT_BF16), mask=mask)
 
 
 def dot(x2d: Tensor, args: dict, cfg: DotConfig, out: Tensor, partial: Tensor | None = None,

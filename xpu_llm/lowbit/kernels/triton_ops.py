@@ -74,8 +74,7 @@ def path(m: int, dtype: torch.dtype) -> str:
 
 def matmul(x2d: Tensor, args: dict, kind: str | None = None, out: Tensor | None = None) -> Tensor:
     """x2d [M, K] @ W.T -> [M, N] in x2d's dtype through the kernel `kind` (default: the dispatch's choice)."""
-    m, k = x2d.shape
-    n = args["n"]
+    m, n = x2d.shape[0], args["n"]
     assert x2d.dtype in DTYPES, f"the Triton kernels take {DTYPES} activations, got {x2d.dtype}"
     if x2d.stride(1) != 1:
         x2d = x2d.contiguous()

@@ -1,6 +1,6 @@
 """Tile configurations for the Triton kernels: a short candidate list per kernel, autotuned per shape on first
-use and cached in memory and in a JSON file (keyed by device name, Triton version, format, group, N, K, row bucket, dtype), so a process pays
-for tuning once per machine. Tuning never runs while a graph is being captured or compiled, nor under the
+use and cached in memory and in a JSON file (keyed by device name, Triton version, format, group, N, K, row
+bucket, dtype), so tuning is paid once per machine. Tuning never runs while a graph is being captured or compiled, nor under the
 interpreter: the first candidate is used then. XPU_LLM_TRITON_AUTOTUNE=0 turns tuning off.
 
 Candidates are timed on the device alone (a device graph of calls over rotating copies of the weight, so the
@@ -66,13 +66,13 @@ def _save_disk() -> None:
         log.debug("could not write the Triton tuning cache %s: %s", path, e)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _device_name(device: torch.device) -> str:
     mod = device_module(device)
     return "cpu" if mod is None else str(mod.get_device_name(device))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _num_cores(device: torch.device) -> int:
     """Streaming multiprocessors / Xe cores: how many programs fill the device once."""
     mod = device_module(device)
