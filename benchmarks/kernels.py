@@ -3,7 +3,8 @@
 xpu_llm.device picks (XPU or CUDA).
 
 First the device's copy bandwidth is measured (a 1 GiB device-to-device copy, bytes read + written over the
-median time) and, for every prefill shape, the vendor bf16 matmul rate (torch.matmul on dense bf16 weights).
+median time) and, for every prefill shape, the vendor bf16 matmul rate (torch.matmul on dense bf16 weights,
+timed like the rows below).
 Then every row times one x [M, K] @ W.T two ways: `us` from a device graph that replays the call over enough
 copies of the weight to exceed the L2 cache several times (what a graph-captured decode step sees: weights from
 memory, no launch overhead), and `eager us` from triton.testing.do_bench (median, L2 flushed before each run,
@@ -196,12 +197,14 @@ def main(argv: list[str] | None = None) -> int:
     vendor = {}
     for n, k in shapes:
         for m in rows_m:
-            if m > 16:
+            if m > 16:  # timed like the rows: a graph over rotating weight copies, eager without graphs
                 a = torch.randn(m, k, device=device, dtype=dtype)
-                b = torch.randn(n, k, device=device, dtype=dtype)
-                t = bench(lambda a=a, b=b: torch.matmul(a, b.t()), args.rep_ms)
+                copies = max(1, min(8, -(-ROTATE_BYTES // (2 * n * k))))
+                bs = [torch.randn(n, k, device=device, dtype=dtype) for _ in range(copies)]
+                fns = [lambda a=a, b=b: torch.matmul(a, b.t()) for b in bs]
+                t = graph_time(fns, device) or bench(fns[0], args.rep_ms)
                 vendor[(m, n, k)] = 2 * m * n * k / (t * 1e-3) / 1e12
-                del a, b
+                del a, bs, fns
     rows = []
     for fmt_name in args.formats.split(","):
         for n, k in shapes:
