@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..device import capture_graph
 from ..generate import GenerationStats, SamplingParams, make_batch, sample
 from ..model import KVCache, Transformer, attention_mask
 from .dist import Grid
@@ -278,7 +279,7 @@ class _Ring:
 
 
 class _GraphedStep:
-    """A decode step captured once into an accelerator graph (torch.accelerator.Graph) and replayed: static
+    """A decode step captured once into an accelerator graph (xpu_llm.device.capture_graph) and replayed: static
     input, position and output buffers; attention runs over all cache slots with the causal mask (kv_len=None),
     so one graph serves every position. Tensor-parallel collectives are captured with it."""
 
@@ -291,15 +292,11 @@ class _GraphedStep:
         def step() -> Tensor:
             return runner.forward(self.x, self.pos, self.pad, None, last_only=True)
 
-        stream = torch.Stream(device=runner.device)
-        stream.wait_stream(torch.accelerator.current_stream(runner.device))
-        with stream:
-            step()  # warm-up outside the graph (lazy initialisations, kernel autotuning)
-        torch.accelerator.current_stream(runner.device).wait_stream(stream)
-        self.graph = torch.accelerator.Graph()
-        with stream, self.graph:
-            self.out = step()
-        torch.accelerator.current_stream(runner.device).wait_stream(stream)
+        step()  # warm-up outside the graph (lazy initialisations, kernel autotuning)
+        out: list[Tensor] = []
+        self.replay = capture_graph(lambda: out.append(step()), runner.device)
+        assert self.replay is not None, f"{runner.device} has no accelerator graphs; run without graphs"
+        self.out = out[0]
 
     def matches(self, x: Tensor, pad: Tensor | None) -> bool:
         return x.shape == self.x.shape and x.dtype == self.x.dtype and pad is self.pad
@@ -307,7 +304,7 @@ class _GraphedStep:
     def __call__(self, x: Tensor, pos: int) -> Tensor:
         self.x.copy_(x)
         self.pos.fill_(pos)
-        self.graph.replay()
+        self.replay()
         return self.out
 
 
