@@ -14,8 +14,8 @@ def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="format of the frozen base: nf4 (default), sym_int4, fp4, sym_int8, fp8_e4m3, or none")
     m.add_argument("--group-size", type=int, default=64, help="quantization group size: 32, 64 or 128")
     m.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
-                   help="dtype of the base's float weights and activations (auto: bfloat16 under bf16 mixed "
-                        "precision, else float32)")
+                   help="dtype of the base's float weights and activations (auto: the mixed-precision dtype, "
+                        "else bfloat16 on GPUs and float32 on CPUs)")
     m.add_argument("--chat-template", default=None, help="Jinja chat template file (default: the tokenizer's)")
     m.add_argument("--quant-storage", default="uint8", choices=("uint8", "bfloat16", "float16", "float32"),
                    help="under DeepSpeed, dtype of the parameter holding the packed base weights "

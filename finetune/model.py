@@ -47,6 +47,7 @@ def load_base(path: str, low_bit: str | None = "nf4", group_size: int = 64, dtyp
                                                  modules_to_not_convert=modules_to_not_convert)
     for p in model.parameters():
         p.requires_grad_(False)
+    model.name_or_path = model.config._name_or_path = path  # PEFT records it as the adapter's base model
     model.config.use_cache = False
     if gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):

@@ -17,6 +17,7 @@ import random
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -94,11 +95,15 @@ def memory_gb(device: torch.device) -> float:
     return max_memory_allocated(device) / 2**30
 
 
-def resolve_dtype(arg: str, mixed_precision: str) -> torch.dtype:
+def resolve_dtype(arg: str, mixed_precision: str, device: torch.device) -> torch.dtype:
+    """The base's float dtype: as asked; auto = the mixed-precision dtype, else bfloat16 on accelerators and
+    float32 on CPUs (bf16 elementwise work is slow on CPUs without native bf16)."""
+    from ..device import is_cpu
     from .model import DTYPES
     if arg != "auto":
         return DTYPES[arg]
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(mixed_precision), torch.float32)
+    mp = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(mixed_precision))
+    return mp or (torch.float32 if is_cpu(device) else torch.bfloat16)
 
 
 def check_args(args: Any) -> None:
@@ -155,7 +160,6 @@ def build_model(args: Any, acc: Any, dtype: torch.dtype, model_path: str) -> Any
     torch.manual_seed(args.seed)  # the same adapter init whatever ran before
     cfg = lora_config(model, r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
                       target_modules=args.target_modules)
-    cfg.base_model_name_or_path = model_path
     return add_lora(model, cfg)
 
 
@@ -234,10 +238,28 @@ def evaluate(acc: Any, model: Any, examples: list, micro: int, pad_id: int) -> f
     return ce_total / max(n_total, 1)
 
 
-def run(args: Any) -> int:
-    """Train; returns 0, or STOPPED after a signal (a checkpoint was saved)."""
-    from tqdm.auto import tqdm
+@dataclass
+class Session:
+    """Everything a training run holds between its steps."""
 
+    acc: Any
+    model: Any
+    optimizer: Any
+    scheduler: Any
+    params: list
+    train_set: list
+    held: list
+    batches: GlobalBatches
+    max_steps: int
+    pad_id: int
+    metrics: Any
+    ckpt_root: str
+    geometry: dict[str, Any]
+    adapter_extra: dict[str, Any]
+
+
+def setup(args: Any) -> Session:
+    """Data, model with LoRA, optimizer and schedule, prepared by accelerate (DDP or DeepSpeed)."""
     from .metrics import MetricsLog
     from .model import load_tokenizer, resolve_model_path
 
@@ -249,97 +271,111 @@ def run(args: Any) -> int:
     model_path = resolve_model_path(args.model)
     tok = load_tokenizer(model_path, args.chat_template)
     train_set, held = prepare_data(args, tok, conversations)
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
     batches = GlobalBatches(len(train_set), args.batch_size, args.grad_accum, acc.num_processes, args.seed)
     max_steps = args.max_steps or max(1, math.ceil(args.epochs * len(train_set) / batches.global_batch))
 
-    dtype = resolve_dtype(args.dtype, acc.mixed_precision)
+    dtype = resolve_dtype(args.dtype, acc.mixed_precision, acc.device)
     model = build_model(args, acc, dtype, model_path)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr,
+                                  weight_decay=args.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args.lr_scheduler, args.warmup_steps,
                                                                         max_steps))
     configure_deepspeed(acc, args)
     model, optimizer = acc.prepare(model, optimizer)
-    params = [p for p in model.parameters() if p.requires_grad]
     model.train()
-
     os.makedirs(args.output, exist_ok=True)
-    ckpt_root = os.path.join(args.output, "checkpoints")
     metrics = MetricsLog(os.path.join(args.output, "metrics.jsonl"), acc.is_main_process,
                          os.path.join(args.output, "tensorboard"))
-    geometry = {"global_batch": batches.global_batch, "seed": args.seed, "n_train": len(train_set)}
-    adapter_extra = {"base_model": model_path, "low_bit": args.low_bit, "group_size": args.group_size,
-                     "dtype": str(dtype).replace("torch.", ""), "chat_template": tok.chat_template}
-    start, tokens_seen = 0, 0
-    if args.resume:
-        path = ckpt.newest(ckpt_root) if args.resume == "latest" else args.resume
-        if path is None:
-            raise XpuLLMError(f"no checkpoint in {ckpt_root} to resume from; run without --resume to start")
-        state = ckpt.read_state(path)
-        for k, v in geometry.items():
-            if state.get(k) != v:
-                raise XpuLLMError(f"{path} was written with {k}={state.get(k)}, this run has {v}; resume with the "
-                                  "same data, seed and global batch (batch size x grad accum x processes)")
-        ckpt.load(acc, model, optimizer, scheduler, path)
-        start, tokens_seen = state["step"], state.get("tokens", 0)
-        metrics.truncate_after(start)
-        log.info("resumed from %s at step %d", path, start)
-    elif ckpt.checkpoints(ckpt_root):
-        raise XpuLLMError(f"{args.output} already holds checkpoints; pass --resume to continue, or use a new --output")
-    else:
-        metrics.reset()
+    return Session(acc, model, optimizer, scheduler, [p for p in model.parameters() if p.requires_grad],
+                   train_set, held, batches, max_steps, tok.pad_token_id if tok.pad_token_id is not None else 0,
+                   metrics, os.path.join(args.output, "checkpoints"),
+                   {"global_batch": batches.global_batch, "seed": args.seed, "n_train": len(train_set)},
+                   {"base_model": model_path, "low_bit": args.low_bit, "group_size": args.group_size,
+                    "dtype": str(dtype).replace("torch.", ""), "chat_template": tok.chat_template})
 
+
+def restore(s: Session, resume: str | None, output: str) -> tuple[int, int]:
+    """(first step, tokens seen): from the newest (or given) checkpoint with --resume, else 0 on a fresh output."""
+    if not resume:
+        if ckpt.checkpoints(s.ckpt_root):
+            raise XpuLLMError(f"{output} already holds checkpoints; pass --resume to continue, or use a new --output")
+        s.metrics.reset()
+        return 0, 0
+    path = ckpt.newest(s.ckpt_root) if resume == "latest" else resume
+    if path is None:
+        raise XpuLLMError(f"no checkpoint in {s.ckpt_root} to resume from; run without --resume to start")
+    state = ckpt.read_state(path)
+    for k, v in s.geometry.items():
+        if state.get(k) != v:
+            raise XpuLLMError(f"{path} was written with {k}={state.get(k)}, this run has {v}; resume with the same "
+                              "data, seed and global batch (batch size x grad accum x processes)")
+    ckpt.load(s.acc, s.model, s.optimizer, s.scheduler, path)
+    s.metrics.truncate_after(state["step"])
+    log.info("resumed from %s at step %d", path, state["step"])
+    return state["step"], state.get("tokens", 0)
+
+
+def loop(s: Session, args: Any, start: int, tokens_seen: int) -> int | None:
+    """Train from `start` to max_steps; returns the step a signal stopped it at (checkpoint saved), or None."""
+    from tqdm.auto import tqdm
+
+    acc = s.acc
     eval_every = args.eval_every if args.eval_every is not None else args.save_every
-    bar = tqdm(total=max_steps, initial=start, unit="step", dynamic_ncols=True, desc="finetune",
+    bar = tqdm(total=s.max_steps, initial=start, unit="step", dynamic_ncols=True, desc="finetune",
                disable=args.no_progress or not acc.is_main_process)
-    stopped_at = None
     t_start = time.perf_counter()
     with StopFlag() as stop:
-        for step in range(start, max_steps):
+        for step in range(start, s.max_steps):
             t0 = time.perf_counter()
-            rows = [[train_set[i] for i in batches.micro_batch(step, m, acc.process_index)]
+            rows = [[s.train_set[i] for i in s.batches.micro_batch(step, m, acc.process_index)]
                     for m in range(args.grad_accum)]
-            out = train_step(acc, model, optimizer, params, [collate(r, pad_id) for r in rows],
+            out = train_step(acc, s.model, s.optimizer, s.params, [collate(r, s.pad_id) for r in rows],
                              sum(len(e) for r in rows for e in r), args.max_grad_norm)
-            scheduler.step()
+            s.scheduler.step()
             done, dt = step + 1, time.perf_counter() - t0
             tokens_seen += int(out["tokens"])
-            record = {"step": done, "loss": out["loss"], "lr": scheduler.get_last_lr()[0],
+            record = {"step": done, "loss": out["loss"], "lr": s.scheduler.get_last_lr()[0],
                       "tokens_per_s": out["tokens"] / dt, "tokens": tokens_seen,
-                      "epoch": round(batches.epoch_of(done), 4), "memory_gb": round(memory_gb(acc.device), 3),
+                      "epoch": round(s.batches.epoch_of(done), 4), "memory_gb": round(memory_gb(acc.device), 3),
                       "seconds": round(time.perf_counter() - t_start, 3)}
             if "grad_norm" in out:
                 record["grad_norm"] = out["grad_norm"]
-            if held and eval_every and (done % eval_every == 0 or done == max_steps):
-                record["eval_loss"] = evaluate(acc, model, held, args.batch_size, pad_id)
-            metrics.write(record)
+            if s.held and eval_every and (done % eval_every == 0 or done == s.max_steps):
+                record["eval_loss"] = evaluate(acc, s.model, s.held, args.batch_size, s.pad_id)
+            s.metrics.write(record)
             bar.update(1)
             bar.set_postfix(loss=f"{out['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
                             mem=f"{record['memory_gb']:.2f}GB", refresh=False)
-            want_stop = all_sum(acc, float(stop.set))[0] > 0
-            if want_stop or done == max_steps or (args.save_every and done % args.save_every == 0):
-                path = ckpt.save(acc, model, optimizer, scheduler, ckpt_root, done,
-                                 {**geometry, "tokens": tokens_seen, "world_size": acc.num_processes},
-                                 adapter_extra, args.save_total_limit or None)
+            want_stop = all_sum(acc, float(stop.set))[0] > 0  # every rank stops after the same step
+            if want_stop or done == s.max_steps or (args.save_every and done % args.save_every == 0):
+                path = ckpt.save(acc, s.model, s.optimizer, s.scheduler, s.ckpt_root, done,
+                                 {**s.geometry, "tokens": tokens_seen, "world_size": acc.num_processes},
+                                 s.adapter_extra, args.save_total_limit or None)
                 log.info("checkpoint %s", path)
             if want_stop:
-                stopped_at = done
-                break
+                bar.close()
+                return done
     bar.close()
+    return None
+
+
+def run(args: Any) -> int:
+    """Train; returns 0, or STOPPED after a signal (a checkpoint was saved)."""
+    s = setup(args)
+    start, tokens_seen = restore(s, args.resume, args.output)
+    stopped_at = loop(s, args, start, tokens_seen)
+    s.metrics.close()
     if stopped_at is not None:
-        if acc.is_main_process:
-            print(f"stopped at step {stopped_at}/{max_steps}; checkpoint saved in {ckpt_root}; "
+        if s.acc.is_main_process:
+            print(f"stopped at step {stopped_at}/{s.max_steps}; checkpoint saved in {s.ckpt_root}; "
                   f"continue with --resume", file=sys.stderr)
-        metrics.close()
         return STOPPED
     adapter_dir = os.path.join(args.output, "adapter")
-    ckpt.save_adapter(acc, model, adapter_dir, adapter_extra)
-    metrics.close()
-    acc.wait_for_everyone()
-    if acc.is_main_process:
+    ckpt.save_adapter(s.acc, s.model, adapter_dir, s.adapter_extra)
+    s.acc.wait_for_everyone()
+    if s.acc.is_main_process:
         print(f"adapter saved in {adapter_dir}", file=sys.stderr)
-    acc.end_training()
+    s.acc.end_training()
     return 0
 
 

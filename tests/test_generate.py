@@ -17,12 +17,21 @@ def smol(smollm2_path):
 
 def test_default_fast_path_generates_sensible_text(smollm2_path):
     # The file's asym_int4 in a float32 model with the fast CPU path (int8 activations where the native kernels
-    # build, else bf16 packed kernels). "What is the capital of France?" is no test here: at 135M parameters,
-    # llama.cpp's int8 activations already flip that answer (to "L'Étoile, ..."), and ours reproduce it.
+    # build, else bf16 packed kernels), against the exact path (dtype=float32: float activations, same weights).
+    # Single greedy answers are no test at 135M parameters: int8 activations flip near-ties (llama.cpp's too;
+    # "Which city is the capital of France?" -> "Le Grand Chateau..."), so the logits are compared teacher-forced.
     llm = LLM(smollm2_path, device="cpu", max_seq_len=128)
-    assert llm.low_bit == "asym_int4" and llm.dtype == torch.float32
-    assert "Paris" in llm.generate([{"role": "user", "content": "Which city is the capital of France?"}],
-                                   max_new_tokens=12)[0].text
+    exact = LLM(smollm2_path, device="cpu", max_seq_len=128, dtype=torch.float32)
+    assert llm.low_bit == exact.low_bit == "asym_int4" and llm.dtype == torch.float32
+    text = ("The tower is 324 metres tall, about the same height as an 81-storey building, and the tallest "
+            "structure in Paris. Its base is square, measuring 125 metres on each side.")
+    ids = torch.tensor([llm.encode(text)])
+    got, want = llm.logits(ids).double(), exact.logits(ids).double()
+    assert (got.argmax(-1) == want.argmax(-1)).double().mean().item() >= 0.85
+    assert ((got - want).norm() / want.norm()).item() < 0.08
+    answers = [llm.generate([{"role": "user", "content": q}], max_new_tokens=12)[0].text
+               for q in ("What is the capital of France?", "Name the capital city of France.")]
+    assert any("Paris" in a for a in answers), answers
     assert llm.generate("One, two, three, four,", max_new_tokens=8)[0].text.startswith(" five, six, seven")
 
 

@@ -178,3 +178,28 @@ def test_llm_default_speculative(smollm2_path):
     plain = llm.generate("Repeat after me: the cat sat on the mat.", max_new_tokens=24, chat=True,
                          speculative=False)[0]
     assert "speculative" not in plain.stats and plain.token_ids == r.token_ids
+
+
+@pytest.mark.slow
+def test_benchmark_smoke(smollm2_path, tmp_path, monkeypatch):
+    """benchmarks/speculative.py runs (prompt mode on the default 4-bit target, where lowbit is reported as not
+    applicable; the random-weight shape mode on its small CPU shape) and writes JSON + markdown."""
+    import json
+    import sys
+    from pathlib import Path
+    bench = Path(__file__).resolve().parent.parent / "benchmarks"
+    monkeypatch.syspath_prepend(str(bench))
+    sys.modules.pop("speculative", None)
+    import speculative as bench_spec
+    out = tmp_path / "spec.json"
+    assert bench_spec.main(["--prompts", "1", "--new-tokens", "6", "--out", str(out)]) == 0
+    report = json.loads(out.read_text())
+    rows = {r["config"]: r for r in report["rows"]}
+    assert set(rows) == {"plain", "lookup", "layer_skip"} and rows["plain"]["speedup"] == 1.0
+    assert rows["layer_skip"]["layers"] == list(default_skip_layers(30))
+    assert [s["config"] for s in report["skipped"]] == ["lowbit"]
+    assert (tmp_path / "spec.md").read_text().count("\n|") >= 4
+    shape = tmp_path / "shape.json"
+    assert bench_spec.main(["--shape", "tiny", "--out", str(shape)]) == 0
+    what = [r["what"] for r in json.loads(shape.read_text())["rows"]]
+    assert what[0].startswith("target step") and any(w.startswith("lowbit") for w in what)

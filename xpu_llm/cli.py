@@ -82,6 +82,21 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--headroom", type=float, default=0.10, help="fraction of each card kept free")
     pl.add_argument("--json", action="store_true")
 
+    from .finetune.args import add_train_args
+    add_train_args(sub.add_parser("finetune", help="QLoRA fine-tuning in one process (several: accelerate launch "
+                                                   "-m xpu_llm.finetune.train)"))
+    ex = sub.add_parser("export", help="merge a LoRA adapter into its base and write an xpu-llm low-bit folder")
+    ex.add_argument("--adapter", required=True, help="PEFT adapter folder (e.g. OUTPUT/adapter of finetune)")
+    ex.add_argument("--base", default=None, help="base model the adapter was trained on (default: as recorded)")
+    ex.add_argument("--low-bit", default="auto",
+                    help="served format: auto (the training format), none (dense), or a registry name")
+    ex.add_argument("--group-size", type=int, default=None, help="default: the training group size")
+    ex.add_argument("--merge-into", default="auto", choices=("auto", "float", "quantized"),
+                    help="add the adapter to the original float weights or to the dequantized training base "
+                         "(auto: float for 4-bit targets, whose rounding would erase a delta added on their own "
+                         "grid; the training base otherwise)")
+    ex.add_argument("-o", "--output", required=True, help="output folder")
+
     b = sub.add_parser("bench", help="decode tokens/s and memory per format")
     b.add_argument("model", nargs="?", default=None)
     b.add_argument("--formats", default="auto,sym_int4,asym_int4,sym_int8,none",
@@ -239,6 +254,23 @@ def cmd_bench(args) -> int:
 
 COMMANDS = {"generate": cmd_generate, "chat": cmd_chat, "convert": cmd_convert, "ppl": cmd_ppl,
             "bench": cmd_bench, "plan": cmd_plan}
+
+
+def cmd_finetune(args) -> int:
+    from .finetune.train import run
+    return run(args)
+
+
+def cmd_export(args) -> int:
+    from .finetune.export import export
+    t0 = time.perf_counter()
+    out = export(args.adapter, args.output, base=args.base, low_bit=args.low_bit, group_size=args.group_size,
+                 merge_into=args.merge_into)
+    print(f"wrote {out} in {time.perf_counter() - t0:.1f} s; serve it with xpu_llm.LLM({out!r})")
+    return 0
+
+
+COMMANDS.update(finetune=cmd_finetune, export=cmd_export)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,280 @@
+# python benchmarks/qlora.py --out benchmarks/results/qlora_gpu.json      (from the repository root, on a GPU)
+"""QLoRA training speed and peak memory on random weights of a real model shape, side by side in one run:
+xpu-llm (HF model with LowBitLinear nf4 layers + LoRA through xpu_llm.finetune) and transformers + PEFT +
+bitsandbytes NF4 (when bitsandbytes is installed).
+
+Shapes: `llama3-8b` (Llama-3-8B: 32 layers, 4096 wide, GQA 8, vocab 128256; sequence 1024, batch 4) and
+`llama2-7b` (Llama-2-7B, sequence 1024, batch 1: the does-it-fit-in-16-GB check for an Arc A770), `tiny`
+(a CPU smoke run). Every engine: random weights built in bf16 on the device, then quantized layer by layer;
+LoRA r 16 (alpha 32, dropout 0.05) on every linear but the output head, gradient checkpointing
+(non-reentrant), bf16 autocast, torch AdamW on the adapter, loss on every token (random token ids). Each
+engine runs in its own child process (its peak memory is its own; a crash or OOM costs one row).
+
+    tokens/s = batch * sequence * timed steps / their wall time (device synchronised), after warm-up steps
+    peak     = the device's max_memory_allocated over the timed and warm-up steps (reset after the model is
+               built; on the CPU: peak resident memory of the process)
+
+Engines:
+- `xpu-llm`: `optimize_model(model, "nf4", 64)` (the untied output head is quantized too, as xpu-llm does),
+  `xpu_llm.finetune.add_lora`; base float weights stay bf16.
+- `bnb`: the QLoRA recipe of the PEFT/transformers docs: `bnb.nn.Linear4bit` nf4, double quantization, bf16
+  compute (what `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+  bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=bfloat16)` builds; the output head stays bf16), then
+  `peft.prepare_model_for_kbit_training` (which upcasts the non-quantized weights to fp32) and
+  `peft.get_peft_model`.
+- `bnb-bf16`: the same without the fp32 upcast (a leaner, faster bitsandbytes baseline).
+
+Outputs: JSON (machine, settings, rows) at --out and a markdown table next to it (.md), also printed."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import machine_info, write_atomic  # noqa: E402
+
+SHAPES: dict[str, dict[str, Any]] = {
+    "llama3-8b": dict(config=dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                                  num_attention_heads=32, num_key_value_heads=8, vocab_size=128256,
+                                  rope_theta=500000.0, max_position_embeddings=8192, tie_word_embeddings=False),
+                      seq=1024, batch=4),
+    "llama2-7b": dict(config=dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                  num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                                  max_position_embeddings=4096, tie_word_embeddings=False),
+                      seq=1024, batch=1),
+    "tiny": dict(config=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=512, max_position_embeddings=256,
+                             tie_word_embeddings=False),
+                 seq=64, batch=2),
+}
+ENGINES = ("xpu-llm", "bnb", "bnb-bf16")
+GIB = 2**30
+A770_BYTES = 16 * GIB
+
+
+# ---------------------------------------------------------------------------------------------- one engine
+
+def _random_model(shape: str, device, dtype):
+    """An HF Llama of the shape with random weights, built directly on the device."""
+    import torch
+    import transformers
+
+    cfg = transformers.LlamaConfig(**SHAPES[shape]["config"], initializer_range=0.02)
+    cfg.use_cache = False
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    model.requires_grad_(False)
+    return model
+
+
+def _bnb_quantize(model, device, dtype) -> None:
+    """Swap every linear but the output head for a bitsandbytes nf4 Linear4bit (double quant, bf16 compute)."""
+    import bitsandbytes as bnb
+    from torch import nn
+
+    head = model.get_output_embeddings()
+    for name, lin in list(model.named_modules()):
+        if not isinstance(lin, nn.Linear) or lin is head:
+            continue
+        new = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None, compute_dtype=dtype,
+                                compress_statistics=True, quant_type="nf4", device="meta")
+        new.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, compress_statistics=True,
+                                       quant_type="nf4", blocksize=64).to(device)
+        if lin.bias is not None:
+            new.bias = nn.Parameter(lin.bias.data, requires_grad=False)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, new)
+        lin.weight = None
+
+
+def build(engine: str, shape: str, args: argparse.Namespace, device):
+    """The PEFT model of `engine`, ready to train."""
+    import peft
+    import torch
+
+    from xpu_llm.device import is_cpu
+
+    dtype = torch.float32 if is_cpu(device) else torch.bfloat16
+    model = _random_model(shape, device, dtype)
+    lora = dict(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.05)
+    gc_kwargs = {"use_reentrant": False}
+    if engine == "xpu-llm":
+        import xpu_llm
+        from xpu_llm.finetune import add_lora
+
+        xpu_llm.optimize_model(model, low_bit=args.low_bit, group_size=args.group_size)
+        if args.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        return add_lora(model, **lora)
+    _bnb_quantize(model, device, dtype)
+    if engine == "bnb":
+        model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing,
+                                                     gradient_checkpointing_kwargs=gc_kwargs)
+    elif args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+        model.enable_input_require_grads()
+    cfg = peft.LoraConfig(target_modules="all-linear", task_type="CAUSAL_LM", **lora)
+    return peft.get_peft_model(model, cfg)
+
+
+def run_child(engine: str, shape: str, args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    from xpu_llm.device import (describe, device_module, get_device, is_cpu, max_memory_allocated,
+                                memory_allocated, reset_peak_memory, synchronize)
+
+    device = get_device(args.device)
+    spec = SHAPES[shape]
+    seq, batch = args.seq or spec["seq"], args.batch or spec["batch"]
+    t0 = time.perf_counter()
+    model = build(engine, shape, args, device)
+    model.train()
+    gc.collect()
+    mod = device_module(device)
+    if mod is not None:
+        mod.empty_cache()
+    synchronize(device)
+    build_s = time.perf_counter() - t0
+    weights = memory_allocated(device)
+    reset_peak_memory(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    gen = torch.Generator(device=device).manual_seed(0)
+    ids = torch.randint(0, spec["config"]["vocab_size"], (batch, seq), device=device, generator=gen)
+
+    def step() -> float:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=not is_cpu(device)):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    for _ in range(args.warmup):
+        step()
+    synchronize(device)
+    t1 = time.perf_counter()
+    last = [step() for _ in range(args.steps)][-1]
+    synchronize(device)
+    dt = time.perf_counter() - t1
+    peak = max_memory_allocated(device)
+    return {"engine": engine, "shape": shape, "seq": seq, "batch": batch, "steps": args.steps,
+            "tokens_per_s": round(batch * seq * args.steps / dt, 1), "step_s": round(dt / args.steps, 4),
+            "peak_gib": round(peak / GIB, 3), "weights_gib": round(weights / GIB, 3),
+            "fits_16gib": peak <= A770_BYTES, "loss": round(last, 4), "finite": math.isfinite(last),
+            "trainable": sum(p.numel() for p in params), "build_s": round(build_s, 1), "device": describe(device)}
+
+
+# ---------------------------------------------------------------------------------------------- driver
+
+def _child_cmd(engine: str, shape: str, args: argparse.Namespace) -> list[str]:
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", engine, "--shapes", shape,
+           "--steps", str(args.steps), "--warmup", str(args.warmup), "--lora-r", str(args.lora_r),
+           "--low-bit", args.low_bit, "--group-size", str(args.group_size)]
+    for flag, v in (("--seq", args.seq), ("--batch", args.batch), ("--device", args.device)):
+        if v:
+            cmd += [flag, str(v)]
+    if not args.gradient_checkpointing:
+        cmd.append("--no-gradient-checkpointing")
+    return cmd
+
+
+def run_one(engine: str, shape: str, args: argparse.Namespace) -> dict[str, Any]:
+    base = {"engine": engine, "shape": shape}
+    if engine.startswith("bnb"):
+        import importlib.util
+        if importlib.util.find_spec("bitsandbytes") is None:
+            return {**base, "error": "bitsandbytes not installed"}
+    try:
+        r = subprocess.run(_child_cmd(engine, shape, args), capture_output=True, text=True, timeout=args.timeout)
+    except subprocess.TimeoutExpired:
+        return {**base, "error": f"timed out after {args.timeout} s"}
+    rows = [line[4:] for line in r.stdout.splitlines() if line.startswith("ROW ")]
+    if r.returncode != 0 or not rows:
+        tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
+        oom = "out of memory" in r.stderr.lower()
+        return {**base, "error": "out of memory" if oom else tail[0][:300]}
+    return json.loads(rows[-1])
+
+
+def table(rows: list[dict[str, Any]]) -> str:
+    out = ["| shape | engine | seq x batch | tokens/s | step s | peak GiB | weights GiB | fits 16 GiB | note |",
+           "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            out.append(f"| {r['shape']} | {r['engine']} | | | | | | | {r['error']} |")
+            continue
+        out.append(f"| {r['shape']} | {r['engine']} | {r['seq']} x {r['batch']} | {r['tokens_per_s']:.0f} | "
+                   f"{r['step_s']:.3f} | {r['peak_gib']:.2f} | {r['weights_gib']:.2f} | "
+                   f"{'yes' if r['fits_16gib'] else 'no'} | loss {r['loss']} |")
+    return "\n".join(out)
+
+
+def ratios(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """xpu-llm / bitsandbytes tokens/s and peak memory per shape."""
+    out = {}
+    for shape in {r["shape"] for r in rows}:
+        ours = next((r for r in rows if r["shape"] == shape and r["engine"] == "xpu-llm" and "error" not in r), None)
+        for ref in ("bnb", "bnb-bf16"):
+            other = next((r for r in rows if r["shape"] == shape and r["engine"] == ref and "error" not in r), None)
+            if ours and other:
+                out[f"{shape}/{ref}"] = {"speedup": round(ours["tokens_per_s"] / other["tokens_per_s"], 3),
+                                         "memory_ratio": round(ours["peak_gib"] / other["peak_gib"], 3)}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", default="llama3-8b,llama2-7b", help=f"comma list of {', '.join(SHAPES)}")
+    ap.add_argument("--shape", dest="shapes", help="alias of --shapes (e.g. --shape tiny for a CPU smoke run)")
+    ap.add_argument("--engines", default=",".join(ENGINES))
+    ap.add_argument("--steps", type=int, default=5, help="timed steps")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=None, help="override the shape's sequence length")
+    ap.add_argument("--batch", type=int, default=None, help="override the shape's batch")
+    ap.add_argument("--lora-r", type=int, default=16)
+    ap.add_argument("--low-bit", default="nf4", help="xpu-llm base format")
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--device", default=None, help="default: xpu > cuda > cpu")
+    ap.add_argument("--timeout", type=float, default=1800, help="seconds per engine and shape")
+    ap.add_argument("--out", default=None, help="JSON path (a .md table is written next to it)")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
+    bad = [s for s in shapes if s not in SHAPES]
+    if bad:
+        ap.error(f"unknown shape(s) {bad}; choose from {', '.join(SHAPES)}")
+    if args.child:
+        print("ROW " + json.dumps(run_child(args.child, shapes[0], args)), flush=True)
+        return 0
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    rows = []
+    for shape in shapes:
+        for engine in engines:
+            row = run_one(engine, shape, args)
+            print(json.dumps(row), file=sys.stderr, flush=True)
+            rows.append(row)
+    result = {"benchmark": "qlora", "date": datetime.datetime.now().isoformat(timespec="seconds"),
+              "machine": machine_info(threads=0, peers=False), "settings": {k: v for k, v in vars(args).items()
+                                                                             if k not in ("child", "out")},
+              "rows": rows, "ratios": ratios(rows)}
+    md = table(rows)
+    print(md)
+    if args.out:
+        write_atomic(args.out, json.dumps(result, indent=1) + "\n")
+        write_atomic(os.path.splitext(args.out)[0] + ".md", md + "\n")
+    return 0 if all("error" not in r or r["engine"].startswith("bnb") for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
