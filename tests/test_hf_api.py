@@ -195,12 +195,14 @@ def test_incomplete_checkpoint_names_what_is_missing(tiny_checkpoints, tmp_path)
 
 @pytest.mark.slow
 def test_smollm2_gguf_low_bit_matches_optimized_dense(smollm2_path):
-    """The low-bit GGUF path (streamed through gguf_io) equals transformers' dense GGUF load + optimize_model."""
+    """The low-bit GGUF path (streamed through gguf_io) equals transformers' dense GGUF load + optimize_model.
+    float32 on both sides: each then quantizes the same dequantized weights (in bf16 each would first round them
+    its own way, and a near-tie token may flip)."""
     import transformers
-    model = AutoModelForCausalLM.from_pretrained(smollm2_path, load_in_low_bit="sym_int4", dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path, load_in_low_bit="sym_int4", dtype=torch.float32)
     folder, name = os.path.split(smollm2_path)
     ref = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, local_files_only=True,
-                                                            dtype=torch.bfloat16)
+                                                            dtype=torch.float32)
     assert isinstance(model.model.layers[0].mlp.down_proj, LowBitLinear)
     assert model.lm_head.weight is model.model.embed_tokens.weight  # SmolLM2 ties its embeddings
     ref = optimize_model(ref.eval(), low_bit="sym_int4")

@@ -206,15 +206,30 @@ class LLM:
                 return bool(stop) and any(s in text for s in stop)
 
         spec = self._speculative_config(speculative, self.speculative)
-        if self.parallel is not None:
-            if spec is not None:
-                raise XpuLLMError("speculative decoding does not run with tp / pp yet; pass speculative=False")
+        if self.parallel is not None and spec is None:
             return self.parallel.generate(prompts, params, self._pad_id(), on_step, self.max_seq_len)
         if spec is not None:
             from .speculative import generate_speculative
+            if self.parallel is None:
+                return generate_speculative(self.model, self._draft(spec), prompts, params, self._pad_id(),
+                                            on_step, spec)
+            return self._speculative_tp(spec, prompts, params, on_step, generate_speculative)
+        return generate_tokens(self.model, prompts, params, self._pad_id(), on_step)
+
+    def _speculative_tp(self, spec, prompts, params, on_step, generate_speculative):
+        """Speculative decoding on a tensor-parallel shard: the sharded model (its collectives inside) runs the
+        one-process draft / verify loop on every rank, which all take the same decisions from the same logits."""
+        if self.parallel.grid.pp > 1:
+            raise XpuLLMError("speculative decoding runs with tensor parallelism (pp=1) only; pass pp=1 or "
+                              "speculative=False")
+        if spec.kind == "lowbit":
+            raise XpuLLMError("the lowbit draft is not available with tp > 1 (it would hold a second sharded copy); "
+                              "use speculative='layer_skip' or 'lookup'")
+        self.model.setup_caches(max(len(prompts), self.model.max_batch_size, 1), self.max_seq_len,
+                                dtype=self.dtype, device=self.device)
+        with self.parallel.world.guard("speculative generation"):
             return generate_speculative(self.model, self._draft(spec), prompts, params, self._pad_id(), on_step,
                                         spec)
-        return generate_tokens(self.model, prompts, params, self._pad_id(), on_step)
 
     def _decode(self, ids: list[list[int]], stop: list[str] | None) -> list[str]:
         return [self._trim(self.tokenizer.decode(i, skip_special_tokens=True), stop) for i in ids]
