@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Any
 
-from ..cli import _low_bit, _model_args, _par_size, _sampling, _sampling_args
+from ..cli import _kv_args, _low_bit, _model_args, _par_size, _sampling, _sampling_args
 from ..errors import XpuLLMError
 
 
@@ -29,6 +29,7 @@ def _ray_args(p: argparse.ArgumentParser) -> None:
 
 def _engine_args(p: argparse.ArgumentParser) -> None:
     _model_args(p, positional=False)
+    _kv_args(p)
     _ray_args(p)
     p.add_argument("--tp", type=_par_size, default=1, help="tensor-parallel ranks (within a node)")
     p.add_argument("--pp", type=_par_size, default=1, help="pipeline stages (may span nodes)")
@@ -63,6 +64,7 @@ def _rayllm(args: Any):
     return RayLLM(args.model, tp=args.tp, pp=args.pp, low_bit=_low_bit(args.low_bit), address=args.address,
                   use_gpu=args.use_gpu, cpus_per_rank=args.cpus_per_rank, group_size=args.group_size,
                   device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
+                  kv_cache_dtype=args.kv_cache_dtype,
                   ray_init={"num_cpus": args.num_cpus} if args.num_cpus else None)
 
 

@@ -45,15 +45,16 @@ class StageRunner:
     def use_slot(self, slot: int, batch: int) -> None:
         """Point every layer at micro-batch slot `slot`'s caches (made or grown to `batch` rows on first use)."""
         caches = self.caches.get(slot)
-        if caches is None or caches[0].k_cache.shape[0] < batch:
+        if caches is None or caches[0].batch_size < batch:
             self.caches.pop(slot, None)
             self.graphed.pop(slot, None)
-            caches = [KVCache(batch, layer.attention.n_kv_heads, self.max_seq_len, layer.attention.head_dim,
-                              self.dtype, self.device) for layer in self.model.layers]
+            caches = [self.model.cache_factory(batch, layer.attention.n_kv_heads, self.max_seq_len,
+                                               layer.attention.head_dim, self.dtype, self.device)
+                      for layer in self.model.layers]
             self.caches[slot] = caches
         for layer, cache in zip(self.model.layers, caches):
             layer.attention.kv_cache = cache
-        self.model.max_batch_size = caches[0].k_cache.shape[0]
+        self.model.max_batch_size = caches[0].batch_size
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(self, x: Tensor, input_pos: Tensor, pad: Tensor | None, kv_len: int | None,

@@ -27,6 +27,11 @@ def _model_args(p: argparse.ArgumentParser, positional: bool) -> None:
     p.add_argument("--max-seq-len", type=int, default=None, help="KV cache length (default: min(context, 2048))")
 
 
+def _kv_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-cache-dtype", default=None, choices=("auto", "int8", "fp8", "fp8_e4m3", "fp8_e5m2"),
+                   help="compressed KV cache: int8 (a scale per token and head) or fp8 (default: compute dtype)")
+
+
 def _sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-new-tokens", "-n", type=int, default=128)
     p.add_argument("--temperature", "-t", type=float, default=0.0, help="0 = greedy")
@@ -47,12 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", help="the prompt text")
     g.add_argument("--raw", action="store_true", help="do not apply the chat template (default: apply if any)")
     _model_args(g, positional=False)
+    _kv_args(g)
     _sampling_args(g)
     _parallel_args(g)
 
     c = sub.add_parser("chat", help="interactive chat with history (/reset clears it, /exit or Ctrl-D ends)")
     c.add_argument("--system", default=None, help="system prompt")
     _model_args(c, positional=False)
+    _kv_args(c)
     _sampling_args(c)
 
     cv = sub.add_parser("convert", help="quantize a model and write an xpu-llm low-bit folder (atomically)")
@@ -61,6 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     pp = sub.add_parser("ppl", help="perplexity over sliding windows of a text file")
     _model_args(pp, positional=True)
+    _kv_args(pp)
     pp.add_argument("--text", required=True, help="UTF-8 text file (e.g. wikitext-2-raw test)")
     pp.add_argument("--window", type=int, default=512)
     pp.add_argument("--stride", type=int, default=None, help="default: window (disjoint windows)")
@@ -133,6 +141,7 @@ def _load(args, progress: bool = True):
     from .llm import LLM
     return LLM(args.model, low_bit=_low_bit(args.low_bit), group_size=args.group_size, device=args.device,
                max_seq_len=args.max_seq_len, dtype=args.dtype, progress=progress,
+               kv_cache_dtype=getattr(args, "kv_cache_dtype", None),
                **({"tp": args.tp, "pp": args.pp} if hasattr(args, "tp") else {}))
 
 

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from .lowbit.kernels import cpu_native, select_kernel
 from .lowbit.linear import LowBitLinear
-from .model import Transformer, TransformerBlock
+from .model import KVCache, Transformer, TransformerBlock
 
 
 class _Linear:
@@ -102,7 +102,7 @@ class FastDecodeBlock(TransformerBlock):
         attn = self._modules["attention"]
         cache = attn._modules.get("kv_cache")
         return (x.shape[1] == 1 and x.dtype == torch.float32 and x.device.type == "cpu"
-                and not torch.is_grad_enabled() and input_pos.dim() == 1 and cache is not None
+                and not torch.is_grad_enabled() and input_pos.dim() == 1 and type(cache) is KVCache
                 and cache.k_cache.dtype == torch.float32 and cache.k_cache.is_contiguous()
                 and attn.head_dim <= 512 and self._modules["attention_norm"].weight.dtype == torch.float32
                 and mask.dtype == torch.bool and mask.is_contiguous() and cos.is_contiguous()

@@ -152,7 +152,7 @@ class LowBitDraft(ModelDraft):
     def prepare(self, batch: Batch, max_seq_len: int) -> None:
         """Allocate the draft's cache like the target's and prefill the prompts into it."""
         t = self.target
-        dtype = t.layers[0].attention.kv_cache.k_cache.dtype
+        dtype = t.layers[0].attention.kv_cache.dtype
         self.model.setup_caches(max(t.max_batch_size, batch.tokens.shape[0]), max_seq_len, dtype=dtype,
                                 device=t.norm.weight.device)
         with torch.inference_mode():

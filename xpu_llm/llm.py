@@ -72,10 +72,14 @@ class LLM:
     def __init__(self, model: str | os.PathLike | None = None, low_bit: str | None = "auto", group_size: int = 64,
                  device: str | torch.device | None = None, max_seq_len: int | None = None,
                  dtype: str | torch.dtype | None = "auto", progress: bool | None = None,
-                 speculative: Any = None, tp: int | str = 1, pp: int | str = 1) -> None:
+                 speculative: Any = None, tp: int | str = 1, pp: int | str = 1,
+                 kv_cache_dtype: str | None = None) -> None:
+        """`kv_cache_dtype`: None (the compute dtype), "int8" or "fp8" / "fp8_e5m2" for a compressed cache."""
+        from .kv_cache import apply_kv_cache_dtype, check_kv_cache_dtype
         source = resolve_source(model)
         if low_bit not in ("auto", None):
             check_format(low_bit, group_size)
+        check_kv_cache_dtype(kv_cache_dtype)
         # The tokenizer (mostly the `transformers` import) loads in the background while weights stream in.
         self._tokenizer_future = _background(_load_tokenizer, source.path)
         self.device = get_device(device)
@@ -92,6 +96,7 @@ class LLM:
         else:
             self.model, info = load_model(source, low_bit, group_size, self.dtype, self.device, progress=progress)
         self.model.eval()
+        self.kv_cache_dtype = apply_kv_cache_dtype(self.model, kv_cache_dtype)
         self.dtype = info["dtype"]  # a dense bf16/fp16 format sets the compute dtype
         if is_cpu(self.device) and self.dtype == torch.float32:
             self._speed_up_cpu(exact=dtype not in (None, "auto"))
@@ -360,4 +365,5 @@ class LLM:
 
     def __repr__(self) -> str:
         return (f"LLM({os.path.basename(self.source.path)}, low_bit={self.low_bit}, dtype={self.dtype}, "
-                f"device={self.device}, max_seq_len={self.max_seq_len})")
+                f"device={self.device}, max_seq_len={self.max_seq_len}"
+                + (f", kv_cache_dtype={self.kv_cache_dtype})" if self.kv_cache_dtype else ")"))

@@ -34,6 +34,14 @@ class KVCache(nn.Module):
         self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.k_cache.dtype
+
+    @property
+    def batch_size(self) -> int:
+        return self.k_cache.shape[0]
+
     def update(self, input_pos: Tensor, k: Tensor, v: Tensor, kv_len: int | None) -> tuple[Tensor, Tensor]:
         """Write k, v [B, H, T, D] at slots `input_pos` ([T], or [B, T]: each row its own slots) and return the
         cache up to `kv_len` slots."""
@@ -115,6 +123,7 @@ class Transformer(nn.Module):
             self.output.weight = self.tok_embeddings.weight
         self.max_batch_size = -1
         self.max_seq_len = -1
+        self.cache_factory = KVCache  # how setup_caches builds each layer's cache (kv_cache.py swaps it)
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None,
                      device: torch.device | str | None = None) -> None:
@@ -127,7 +136,8 @@ class Transformer(nn.Module):
         self.max_batch_size, self.max_seq_len = max_batch_size, max_seq_len
         for layer in self.layers:
             attn = layer.attention
-            attn.kv_cache = KVCache(max_batch_size, attn.n_kv_heads, max_seq_len, attn.head_dim, dtype, device)
+            attn.kv_cache = self.cache_factory(max_batch_size, attn.n_kv_heads, max_seq_len, attn.head_dim, dtype,
+                                               device)
         inv = rope_inv_freq(self.config).to(device)
         freqs = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), inv)
         emb = torch.cat([freqs, freqs], dim=-1)
