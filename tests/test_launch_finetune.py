@@ -5,7 +5,6 @@ with micro-batch 2 reach the one-process losses of global batch 4 and write the 
 arguments fail on the driver before Ray is touched; a failing worker is one short XpuLLMError naming its rank."""
 from __future__ import annotations
 
-
 import json
 import os
 import re
