@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Any
 
-from ..cli import _kv_args, _low_bit, _model_args, _par_size, _sampling, _sampling_args
+from ..cli import _kv_args, _low_bit, _model_args, _sampling, _sampling_args
 from ..errors import XpuLLMError
 
 
@@ -31,8 +31,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     _model_args(p, positional=False)
     _kv_args(p)
     _ray_args(p)
-    p.add_argument("--tp", type=_par_size, default=1, help="tensor-parallel ranks (within a node)")
-    p.add_argument("--pp", type=_par_size, default=1, help="pipeline stages (may span nodes)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (within a node)")
+    p.add_argument("--pp", type=int, default=1, help="pipeline stages (may span nodes)")
     p.add_argument("--cpus-per-rank", type=float, default=1.0, help="CPUs each rank reserves")
 
 

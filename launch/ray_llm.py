@@ -51,19 +51,18 @@ class RayLLM:
         or overrides rank environment variables (e.g. oneCCL settings); `ray_init` caps a local Ray that this
         call starts (num_cpus, object_store_memory)."""
         ray = _ray()
-        if int(tp) < 1 or int(pp) < 1:
-            raise XpuLLMError(f"tp and pp must be positive integers, got tp={tp!r} pp={pp!r}")
-        self.tp, self.pp, self.world_size = int(tp), int(pp), int(tp) * int(pp)
+        if not (isinstance(tp, int) and isinstance(pp, int) and tp >= 1 and pp >= 1):
+            raise XpuLLMError(f"RayLLM needs tp and pp as positive integers, got tp={tp!r} pp={pp!r} (`xpu-llm plan "
+                              "MODEL --cards N` suggests a split)")
+        self.tp, self.pp, self.world_size = tp, pp, tp * pp
         self._started_ray = connect(address, **(ray_init or {}))
         self._actors: list = []
         self._dead: str | None = None
         self.placement: Placement | None = None
-        self._finalizer = weakref.finalize(self, RayLLM._teardown, self._actors, [None], self._started_ray)
+        self._placed: list[Placement | None] = [None]  # what the finalizer removes if the RayLLM is dropped
+        self._finalizer = weakref.finalize(self, RayLLM._teardown, self._actors, self._placed, self._started_ray)
         try:
-            self.placement = place(self.tp, self.pp, use_gpu, cpus_per_rank, placement_timeout_s)
-            self._finalizer.detach()
-            self._finalizer = weakref.finalize(self, RayLLM._teardown, self._actors, [self.placement],
-                                               self._started_ray)
+            self.placement = self._placed[0] = place(tp, pp, use_gpu, cpus_per_rank, placement_timeout_s)
             self._start_actors(cpus_per_rank)
             self.where = self._gather([a.where.remote() for a in self._actors], "starting the rank actors")
             port = ray.get(self._actors[0].free_port.remote())
@@ -221,6 +220,7 @@ class RayLLM:
         actors.clear()
         if placement and placement[0] is not None:
             placement[0].remove()
+            placement[0] = None
         if started_ray and ray.is_initialized():
             ray.shutdown()
 
@@ -229,7 +229,7 @@ class RayLLM:
         self._finalizer.detach()
         if self._dead is None:
             self._dead = "shutdown() was called"
-        RayLLM._teardown(self._actors, [self.placement], self._started_ray, graceful)
+        RayLLM._teardown(self._actors, self._placed, self._started_ray, graceful)
         self._started_ray = False
 
     def __enter__(self) -> "RayLLM":

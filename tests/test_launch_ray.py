@@ -106,6 +106,8 @@ def test_plan_larger_than_cluster_fails_fast(tiny_llama):
         RayLLM(tiny_llama, tp=4, pp=2, **EXACT)
     assert time.monotonic() - t0 < 10
     assert _no_placement_groups()
+    with pytest.raises(XpuLLMError, match="tp and pp as positive integers"):
+        RayLLM(tiny_llama, tp="auto")
 
 
 def test_killed_rank_ends_the_call_and_leaves_nothing(smollm2_path):

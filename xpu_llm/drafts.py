@@ -192,7 +192,7 @@ def lowbit_copy(model: Transformer, low_bit: str, group_size: int,
             if src.fmt.bits <= 4:
                 return src
             weight, bias = src.dequantize_weight(torch.float32), src.bias
-        elif type(src) is nn.Linear:
+        elif isinstance(src, nn.Linear):
             weight, bias = src.weight.detach().float(), src.bias
         else:
             raise XpuLLMError(f"{name} is a {type(src).__name__}; the lowbit draft handles nn.Linear and "

@@ -187,8 +187,16 @@ class LLM:
         key = cfg.draft_key()
         if key not in self._drafts:
             from .speculative import make_draft
-            kd = torch.bfloat16 if is_cpu(self.device) and self.dtype == torch.float32 else None
-            self._drafts[key] = make_draft(cfg, self.model, kernel_dtype=kd)
+            cpu = is_cpu(self.device) and self.dtype == torch.float32
+            # On CPUs the draft's own layers take the fast path: int8-activation kernels and the fused one-token
+            # step (its numerics only change which drafts are accepted, never the output).
+            kd = (torch.int8 if native_cpu() else torch.bfloat16) if cpu else None
+            draft = make_draft(cfg, self.model, kernel_dtype=kd)
+            own = getattr(draft, "model", None)
+            if cpu and own is not None and own is not self.model:
+                from .cpu_decode import apply_cpu_decode
+                apply_cpu_decode(own)
+            self._drafts[key] = draft
         return self._drafts[key]
 
     def _run(self, prompts: list[list[int]], params: SamplingParams, stop: list[str] | None = None,
