@@ -304,9 +304,10 @@ def card_index(visible: int, local_rank: int, ray_gpu_ids: list) -> int:
 
 
 def bind_device(kind: str, local_rank: int) -> Any:
-    """Make this worker's device current and tell accelerate about it. CUDA: Ray Train already set the card
-    (and ACCELERATE_TORCH_DEVICE). Intel XPU: Ray treats the card as a CUDA "GPU" and sets a cuda device for
-    accelerate, so the XPU card is picked here and ACCELERATE_TORCH_DEVICE overwritten."""
+    """Make this worker's device current and tell accelerate about it. The same steps for every accelerator: Ray
+    shows the worker its own card (CUDA_VISIBLE_DEVICES / ZE_AFFINITY_MASK), so card_index picks it; on Intel XPU
+    Ray treats the card as a CUDA "GPU" and set a cuda device for accelerate, hence ACCELERATE_TORCH_DEVICE is
+    written here."""
     import torch
 
     from ..device import device_module, set_device
@@ -314,13 +315,9 @@ def bind_device(kind: str, local_rank: int) -> Any:
     if kind == "cpu":
         os.environ["ACCELERATE_TORCH_DEVICE"] = "cpu"
         return torch.device("cpu")
-    if kind == "cuda":
-        from ray.train.torch import get_device
-        device = get_device()
-    else:
-        import ray
-        mod = device_module(kind)
-        device = torch.device(kind, card_index(mod.device_count(), local_rank, ray.get_gpu_ids()))
+    import ray
+    mod = device_module(kind)
+    device = torch.device(kind, card_index(mod.device_count(), local_rank, ray.get_gpu_ids()))
     set_device(device)
     os.environ["ACCELERATE_TORCH_DEVICE"] = str(device)
     return device
