@@ -1,11 +1,14 @@
-# (helpers imported by benchmarks/decode.py and benchmarks/ppl.py; not run on its own)
-"""Shared by the benchmark scripts: atomic writes, machine facts, memory, the group sizes a model really uses."""
+# (helpers imported by the benchmark scripts; not run on its own)
+"""Shared by the benchmark scripts: atomic writes, machine facts, memory, the group sizes a model really uses,
+one row per child process, transformers generation timed per step."""
 from __future__ import annotations
 
+import json
 import os
 import platform
 import subprocess
 import tempfile
+import time
 from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,3 +85,44 @@ def model_groups(model: Any) -> int | str | None:
     if not groups:
         return None
     return groups[0] if len(groups) == 1 else "/".join(str(g) for g in groups)
+
+
+def child_row(cmd: list[str], base: dict[str, Any], timeout: float, env: dict[str, str] | None = None
+              ) -> dict[str, Any]:
+    """Run one benchmark row in a child process (its peak memory is its own; a crash or OOM costs one row): the
+    row is the child's last stdout line `ROW {json}`; a failure, an OOM or a timeout is `{**base, "error": ...}`."""
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {**base, "error": f"timed out after {timeout} s"}
+    rows = [line[4:] for line in r.stdout.splitlines() if line.startswith("ROW ")]
+    if r.returncode != 0 or not rows:
+        tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
+        oom = "out of memory" in r.stderr.lower()
+        return {**base, "error": "out of memory" if oom else tail[0][:300]}
+    return json.loads(rows[-1])
+
+
+def hf_generate_timed(model: Any, input_ids: Any, new_tokens: int, pad_id: int) -> tuple[Any, float, list[float]]:
+    """transformers `generate` of exactly `new_tokens` greedy tokens per row, with a LogitsProcessor that stamps
+    perf_counter right after each forward (the device synchronised first, a no-op on the CPU; generate's stopping
+    check synchronises every step anyway): (output ids, call start, stamps). The first stamp follows the prefill,
+    so len(stamps) - 1 decode iterations lie between the first and the last stamp."""
+    import torch
+    import transformers
+
+    from xpu_llm.device import synchronize
+    stamps: list[float] = []
+
+    class Stamp(transformers.LogitsProcessor):
+        def __call__(self, ids, scores):
+            synchronize(scores.device)
+            stamps.append(time.perf_counter())
+            return scores
+
+    t = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False, pad_token_id=pad_id,
+                             logits_processor=transformers.LogitsProcessorList([Stamp()]))
+    return out, t, stamps

@@ -36,7 +36,7 @@ import sys
 import time
 from typing import Any
 
-from common import machine_info, model_groups, rss_mib, write_atomic
+from common import hf_generate_timed, machine_info, model_groups, rss_mib, write_atomic
 
 DEFAULT_FORMATS = "auto,sym_int4,asym_int4,nf4,fp4,sym_int8,fp8_e4m3,fp8_e5m2,bf16,fp32"
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -119,24 +119,12 @@ def work_hf(job: dict[str, Any]) -> dict[str, Any]:
     model = transformers.AutoModelForCausalLM.from_pretrained(
         os.path.dirname(job["model"]), gguf_file=os.path.basename(job["model"]), dtype=dtype).eval()
     load_s = time.perf_counter() - t0
-    stamps: list[float] = []
-
-    class Stamp(transformers.LogitsProcessor):
-        def __call__(self, input_ids, scores):  # called right after each forward
-            stamps.append(time.perf_counter())
-            return scores
-
     x = torch.tensor([ids])
     pad = model.generation_config.pad_token_id
     pad = pad if pad is not None else model.config.eos_token_id
 
     def once(new: int) -> dict[str, Any]:
-        stamps.clear()
-        t = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new, min_new_tokens=new,
-                                 do_sample=False, logits_processor=transformers.LogitsProcessorList([Stamp()]),
-                                 pad_token_id=pad)
+        out, t, stamps = hf_generate_timed(model, x, new, pad)  # a stamp right after each forward
         return speed(len(stamps), stamps[-1] - stamps[0], stamps[0] - t, out[0, len(ids):].tolist())
 
     once(min(n, 16))

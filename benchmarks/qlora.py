@@ -33,13 +33,12 @@ import gc
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_info, write_atomic  # noqa: E402
+from common import child_row, machine_info, write_atomic  # noqa: E402
 
 SHAPES: dict[str, dict[str, Any]] = {
     "llama3-8b": dict(config=dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -62,12 +61,14 @@ A770_BYTES = 16 * GIB
 
 # ---------------------------------------------------------------------------------------------- one engine
 
-def _random_model(shape: str, device, dtype):
-    """An HF Llama of the shape with random weights, built directly on the device."""
+def _random_model(shape: str | dict[str, Any], device, dtype):
+    """An HF Llama of the shape (a SHAPES name, or LlamaConfig fields) with random weights, built directly on the
+    device."""
     import torch
     import transformers
 
-    cfg = transformers.LlamaConfig(**SHAPES[shape]["config"], initializer_range=0.02)
+    fields = SHAPES[shape]["config"] if isinstance(shape, str) else shape
+    cfg = transformers.LlamaConfig(**fields, initializer_range=0.02)
     cfg.use_cache = False
     torch.manual_seed(0)
     with torch.device(device):
@@ -194,16 +195,7 @@ def run_one(engine: str, shape: str, args: argparse.Namespace) -> dict[str, Any]
         import importlib.util
         if importlib.util.find_spec("bitsandbytes") is None:
             return {**base, "error": "bitsandbytes not installed"}
-    try:
-        r = subprocess.run(_child_cmd(engine, shape, args), capture_output=True, text=True, timeout=args.timeout)
-    except subprocess.TimeoutExpired:
-        return {**base, "error": f"timed out after {args.timeout} s"}
-    rows = [line[4:] for line in r.stdout.splitlines() if line.startswith("ROW ")]
-    if r.returncode != 0 or not rows:
-        tail = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["no output"]
-        oom = "out of memory" in r.stderr.lower()
-        return {**base, "error": "out of memory" if oom else tail[0][:300]}
-    return json.loads(rows[-1])
+    return child_row(_child_cmd(engine, shape, args), base, args.timeout)
 
 
 def table(rows: list[dict[str, Any]]) -> str:

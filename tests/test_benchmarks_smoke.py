@@ -1,5 +1,6 @@
-"""Smoke tests of benchmarks/decode.py and benchmarks/ppl.py at tiny settings on the embedded SmolLM2: the
-scripts run, write JSON + markdown, and their numbers are finite and positive (no timing assertions)."""
+"""Smoke tests of benchmarks/decode.py and benchmarks/ppl.py at tiny settings on the embedded SmolLM2, and of
+benchmarks/decode_8b.py on a tiny random-weight shape: the scripts run, write JSON + markdown, and their numbers
+are finite and positive (no timing assertions)."""
 from __future__ import annotations
 
 import json
@@ -72,7 +73,34 @@ def test_ppl_smoke(smollm2_path: str, tmp_path: Path, capsys: pytest.CaptureFixt
     assert json.loads(out.read_text())["rows"] == [row]
 
 
-@pytest.mark.parametrize("script", ["decode.py", "ppl.py"])
+def test_decode_8b_smoke(tmp_path: Path) -> None:
+    # Tiny random-weight shape on the CPU: device probe, two xpu-llm formats and the transformers bf16 peer (the
+    # bitsandbytes row is skipped with a note where it does not import), one child process each.
+    out = tmp_path / "d8.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    p = subprocess.run([sys.executable, str(BENCH / "decode_8b.py"), "--shape", "tiny", "--device", "cpu",
+                        "--formats", "sym_int4,bf16", "--batches", "2", "--prompts", "8", "--new-tokens", "4",
+                        "--out", str(out)], capture_output=True, text=True, timeout=240, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert _positive(report["probe"]["copy_gb_s"]) and _positive(report["probe"]["matmul_tflop_s"])
+    rows = {(r["engine"], r["format"]): r for r in report["rows"]}
+    assert set(rows) >= {("xpu-llm", "bf16"), ("xpu-llm", "sym_int4"), ("hf-bf16", "bf16")}, list(rows)
+    for r in rows.values():
+        assert "error" not in r, r
+        assert r["batch"] == 2 and r["prompt"] == 8 and r["new_tokens"] == 8
+        for k in ("decode_tok_s", "ms_per_step", "weights_mib_per_step", "bound_tok_s", "pct_bound", "peak_gib",
+                  "prefill_s", "prefill_tflop_s", "prefill_pct_matmul"):
+            assert _positive(r[k]), (r["engine"], r["format"], k, r[k])
+    assert rows[("xpu-llm", "bf16")]["prefill_x_bf16"] is None
+    assert _positive(rows[("hf-bf16", "bf16")]["prefill_x_bf16"])
+    assert rows[("xpu-llm", "sym_int4")]["linear_bytes"] < rows[("xpu-llm", "bf16")]["linear_bytes"] / 3
+    if ("bnb-nf4", "nf4 (bnb)") not in rows:
+        assert any("bitsandbytes" in n for n in report["notes"])
+    assert (tmp_path / "d8.md").read_text() in p.stdout and "| xpu-llm | sym_int4 | 2 | 8 |" in p.stdout
+
+
+@pytest.mark.parametrize("script", ["decode.py", "ppl.py", "decode_8b.py"])
 def test_scripts_start_with_their_command(script: str) -> None:
     first = (BENCH / script).read_text().splitlines()[0]
     assert first.startswith("# python benchmarks/" + script)
