@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..lowbit.formats import get_format
+from ..lowbit.kernels import lowbit_dequantize
 from ..lowbit.linear import LowBitLinear
 
 
@@ -78,7 +79,7 @@ class PackedLowBitLinear(nn.Module):
         return {name: raw[off:off + nbytes].view(dt).view(shape) for name, shape, dt, off, nbytes in self._layout}
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        return self.fmt.dequantize(self.tensors(), self.group_size, dtype)
+        return lowbit_dequantize(self, dtype)
 
     def to_lowbit(self) -> LowBitLinear:
         """Back to a LowBitLinear (copies the tensors out of the shared storage)."""

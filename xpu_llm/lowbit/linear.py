@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from .formats import LowBitFormat, get_format
-from .kernels import lowbit_matmul, select_kernel
+from .kernels import lowbit_dequantize, lowbit_matmul, select_kernel
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +100,8 @@ class LowBitLinear(nn.Module):
         return out
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
-        """The [N, K] weight in `dtype` (reference dequantization)."""
-        return self.fmt.dequantize(self.tensors(), self.group_size, dtype)
+        """The [N, K] weight in `dtype` (the reference dequantization's bits; one kernel on GPUs)."""
+        return lowbit_dequantize(self, dtype)
 
     @property
     def keep_canonical(self) -> bool:

@@ -43,6 +43,19 @@ def _triton_ops():
     return triton_ops
 
 
+def lowbit_dequantize(layer, dtype: torch.dtype) -> Tensor:
+    """The [N, K] weight of a low-bit `layer` (LowBitLinear or the finetune's packed one) in `dtype`: one Triton
+    kernel on GPUs (the QLoRA backward runs this per layer and step), the format's reference dequantize
+    elsewhere; the same bits either way."""
+    q = layer.tensors()
+    n, k = layer.out_features, layer.in_features
+    if is_gpu(q["scales"].device):
+        ops = _triton_ops()
+        if ops is not None and ops.supports(layer.low_bit, n, k, layer.group_size, dtype):
+            return ops.dequantize(layer.low_bit, q, n, k, layer.group_size, dtype)
+    return layer.fmt.dequantize(q, layer.group_size, dtype)
+
+
 def lowbit_matmul(x2d: Tensor, layer) -> Tensor:
     """x2d [M, K] @ W.T -> [M, N] in x2d's dtype (no bias) for a LowBitLinear `layer`."""
     kernel = select_kernel(layer, x2d)
@@ -63,4 +76,4 @@ def lowbit_matmul(x2d: Tensor, layer) -> Tensor:
     return reference.matmul(x2d, layer.fmt, layer.tensors(), layer.group_size)
 
 
-__all__ = ["lowbit_matmul", "select_kernel", "cpu", "cpu_native", "reference"]
+__all__ = ["lowbit_dequantize", "lowbit_matmul", "select_kernel", "cpu", "cpu_native", "reference"]

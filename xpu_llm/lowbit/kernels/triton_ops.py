@@ -93,6 +93,13 @@ def matmul(x2d: Tensor, args: dict, kind: str | None = None, out: Tensor | None 
     return triton_gemm.run(x2d, args, cfg, out, dot_f32=dot_f32)
 
 
+def dequantize(low_bit: str, q: State, n: int, k: int, group_size: int, dtype: torch.dtype) -> Tensor:
+    """The [N, K] weight of the canonical tensors `q` in `dtype`, in one kernel; the same bits as the format's
+    reference dequantize (kernel tests check it)."""
+    args = format_args(low_bit, q["qweight"], q["scales"], q.get("mins"), n, group_size)
+    return triton_gemm.dequantize(args, torch.empty((n, k), dtype=dtype, device=args["q"].device))
+
+
 @torch.library.custom_op("xpu_llm::triton_lowbit_mm", mutates_args=())
 def _compiled_mm(x2d: Tensor, q: Tensor, s: Tensor, z: Tensor, lut: Tensor, n: int, group_size: int, fmt_id: int,
                  scale_mul: float) -> Tensor:
@@ -152,5 +159,5 @@ def select(low_bit: str, n: int, k: int, group_size: int, dtype: torch.dtype, m:
     return KERNELS[low_bit] if supports(low_bit, n, k, group_size, dtype) else None
 
 
-__all__ = ["FOUR_BIT", "KERNELS", "PREFILL", "TritonKernel", "format_args", "matmul", "path",
+__all__ = ["FOUR_BIT", "KERNELS", "PREFILL", "TritonKernel", "dequantize", "format_args", "matmul", "path",
            "select", "supports"]
