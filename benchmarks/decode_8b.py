@@ -126,12 +126,10 @@ def child_xpu(job: dict[str, Any], device) -> dict[str, Any]:
     model.eval()
     lin, total = linear_bytes(model), weight_bytes(model)  # before the first forward (kernels may repack)
     model.setup_caches(b, p + n + 8, dtype=torch.bfloat16, device=device)
-    compiled: bool | str = False
-    if job["compile"]:
-        import xpu_llm.graphs as graphs
-        compiled = hasattr(graphs, "compile_decode") or "xpu_llm.graphs.compile_decode not available"
-        if compiled is True:
-            graphs.compile_decode(model)
+    compiled = bool(job["compile"])
+    if compiled:
+        from xpu_llm.graphs import compile_decode
+        compile_decode(model)
     build_s = time.perf_counter() - t0
     free(device)  # the peak counts from here: weights, KV cache, activations, graphs
     ids = torch.randint(0, model.config.vocab_size, (b, p), generator=torch.Generator().manual_seed(0)).tolist()

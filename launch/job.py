@@ -64,7 +64,7 @@ def _rayllm(args: Any):
     return RayLLM(args.model, tp=args.tp, pp=args.pp, low_bit=_low_bit(args.low_bit), address=args.address,
                   use_gpu=args.use_gpu, cpus_per_rank=args.cpus_per_rank, group_size=args.group_size,
                   device=args.device, dtype=args.dtype, max_seq_len=args.max_seq_len,
-                  kv_cache_dtype=args.kv_cache_dtype,
+                  kv_cache_dtype=args.kv_cache_dtype, compile=args.compile,
                   ray_init={"num_cpus": args.num_cpus} if args.num_cpus else None)
 
 

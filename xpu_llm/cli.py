@@ -30,6 +30,9 @@ def _model_args(p: argparse.ArgumentParser, positional: bool) -> None:
 def _kv_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-dtype", default=None, choices=("auto", "int8", "fp8", "fp8_e4m3", "fp8_e5m2"),
                    help="compressed KV cache: int8 (a scale per token and head) or fp8 (default: compute dtype)")
+    p.add_argument("--compile", action="store_true",
+                   help="GPUs: torch.compile the graph-captured decode step (fused elementwise ops; compiles once "
+                        "per batch size)")
 
 
 def _sampling_args(p: argparse.ArgumentParser) -> None:
@@ -141,7 +144,7 @@ def _load(args, progress: bool = True):
     from .llm import LLM
     return LLM(args.model, low_bit=_low_bit(args.low_bit), group_size=args.group_size, device=args.device,
                max_seq_len=args.max_seq_len, dtype=args.dtype, progress=progress,
-               kv_cache_dtype=getattr(args, "kv_cache_dtype", None),
+               kv_cache_dtype=getattr(args, "kv_cache_dtype", None), compile=getattr(args, "compile", False),
                **({"tp": args.tp, "pp": args.pp} if hasattr(args, "tp") else {}))
 
 

@@ -3,7 +3,13 @@ decode step's logits; on a GPU it is captured once per batch size into an accele
 through xpu_llm.device) and replayed, which removes the per-kernel launch cost that bounds eager decoding of
 small batches. The captured step has static shapes: the token, its cache slot and the rows' left padding live in
 fixed buffers, attention reads every cache slot with the mask built from the slot on the device, so one graph
-serves every position. CPUs (and XPU_LLM_GRAPHS=0) run the eager step."""
+serves every position. CPUs (and XPU_LLM_GRAPHS=0) run the eager step.
+
+`compile_decode(model)` (LLM(compile=True), `--compile`) also runs the step through torch.compile before the
+capture: inductor fuses RMSNorm, RoPE, SwiGLU, the residual adds and the mask into a few kernels, which matters
+because in a replayed graph each small kernel still costs a few microseconds (about 45 of them per layer
+eagerly). The low-bit matmuls stay the project's Triton kernels (an opaque custom op to the compiler). It costs
+a compilation per batch size (tens of seconds for an 8B model), so it is off by default."""
 from __future__ import annotations
 
 import os
@@ -30,9 +36,10 @@ class GraphedStep:
         self.logits: Tensor | None = None
         self.replay = None
         self.cache = model.layers[0].attention.kv_cache  # a new cache (setup_caches) needs a new graph
+        self.forward = model.forward
 
     def _step(self) -> None:
-        self.logits = self.model(self.token, self.slot, pad=self.pad, kv_len=None, last_only=True)[:, -1]
+        self.logits = self.forward(self.token, self.slot, pad=self.pad, kv_len=None, last_only=True)[:, -1]
 
     @torch.inference_mode()
     def __call__(self, token: Tensor, slot: int, pad: Tensor | None) -> Tensor:
@@ -43,11 +50,22 @@ class GraphedStep:
         else:
             self.pad.copy_(pad)
         if self.replay is None:
-            # Warm up eagerly on this very step (the same cache writes the replay will make), then capture.
+            # Warm up eagerly on this very step (the same cache writes the replay will make: lazy kernel packing
+            # and autotuning happen here), compile if asked (a second identical step), then capture.
             self._step()
+            if self.model.__dict__.get("_compile_decode"):
+                self.forward = torch.compile(self.model.forward, dynamic=False)
+                self._step()
             self.replay = capture_graph(self._step, self.token.device)
         self.replay()
         return self.logits
+
+
+def compile_decode(model: Transformer, on: bool = True) -> None:
+    """Run `model`'s graph-captured decode steps through torch.compile (see the module docstring); no effect
+    where steps are not captured (CPUs, XPU_LLM_GRAPHS=0)."""
+    model.__dict__["_compile_decode"] = bool(on)
+    model.__dict__.pop("_decode_graphs", None)  # steps captured before are stale
 
 
 def graphs_enabled(model: Transformer) -> bool:

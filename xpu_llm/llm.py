@@ -16,6 +16,7 @@ from torch import Tensor
 from .device import get_device, is_cpu
 from .errors import GenerationInputError, XpuLLMError
 from .generate import GenerationStats, SamplingParams, generate_tokens
+from .graphs import compile_decode
 from .loading import check_format, load_model, resolve_source
 from .lowbit.kernels.cpu_native import available as native_cpu
 
@@ -73,8 +74,10 @@ class LLM:
                  device: str | torch.device | None = None, max_seq_len: int | None = None,
                  dtype: str | torch.dtype | None = "auto", progress: bool | None = None,
                  speculative: Any = None, tp: int | str = 1, pp: int | str = 1,
-                 kv_cache_dtype: str | None = None) -> None:
-        """`kv_cache_dtype`: None (the compute dtype), "int8" or "fp8" / "fp8_e5m2" for a compressed cache."""
+                 kv_cache_dtype: str | None = None, compile: bool = False) -> None:
+        """`kv_cache_dtype`: None (the compute dtype), "int8" or "fp8" / "fp8_e5m2" for a compressed cache.
+        `compile`: run the graph-captured decode step through torch.compile on accelerators (graphs.py; costs a
+        compilation per batch size; no effect on CPUs)."""
         from .kv_cache import apply_kv_cache_dtype, check_kv_cache_dtype
         source = resolve_source(model)
         if low_bit not in ("auto", None):
@@ -97,6 +100,12 @@ class LLM:
             self.model, info = load_model(source, low_bit, group_size, self.dtype, self.device, progress=progress)
         self.model.eval()
         self.kv_cache_dtype = apply_kv_cache_dtype(self.model, kv_cache_dtype)
+        if compile:
+            if self.parallel is not None or is_cpu(self.device):
+                log.warning("compile=True has no effect here (it compiles the single-card decode step of an "
+                            "accelerator); running eagerly")
+            else:
+                compile_decode(self.model)
         self.dtype = info["dtype"]  # a dense bf16/fp16 format sets the compute dtype
         if is_cpu(self.device) and self.dtype == torch.float32:
             self._speed_up_cpu(exact=dtype not in (None, "auto"))
