@@ -159,11 +159,27 @@ class LowBitDraft(ModelDraft):
             n = batch.tokens.shape[1]
             self.model(batch.tokens, torch.arange(n, device=batch.tokens.device), pad=batch.pad, kv_len=n,
                        last_only=True)
+        # What the draft's own cache holds past the committed context: tokens [B, m] at slots start.. [B].
+        self._written = (torch.full_like(batch.tokens[:, 0], n - 1), batch.tokens[:, -1:])
 
     def first_input(self, st: DecodeState) -> tuple[Tensor, Tensor]:
-        # Slot pos - 1 is missing from the draft's cache when the last round accepted every draft (the draft
-        # never ran on its own last proposal): recompute it every time, in the same forward.
+        # The draft's cache lacks slot pos - 1 when the last round accepted every draft (the draft never ran on
+        # its own last proposal) or the token there is the target's correction: then recompute that slot in the
+        # same forward. Otherwise one position, which the CPU runs through its fused one-token step.
+        start, toks = self._written
+        i = (st.pos - 1 - start).view(-1, 1)
+        inside = (i >= 0) & (i < toks.shape[1])
+        held = inside.squeeze(1) & (toks.gather(1, i.clamp(0, toks.shape[1] - 1)).squeeze(1) == st.prev)
+        if bool((held | ~st.live).all()):
+            return st.pending.view(-1, 1), st.pos.view(-1, 1)
         return torch.stack([st.prev, st.pending], 1), torch.stack([st.pos - 1, st.pos], 1)
+
+    def propose(self, st: DecodeState, k: int, params: SamplingParams, gen: torch.Generator | None,
+                threshold: float, k_min: int) -> Proposal:
+        prop = super().propose(st, k, params, gen, threshold, k_min)
+        # The draft ran on pending (slot pos) and on every draft but the last (slots pos + 1 ..).
+        self._written = (st.pos.clone(), torch.cat([st.pending.view(-1, 1), prop.tokens[:, :-1]], 1))
+        return prop
 
     def forward(self, tokens: Tensor, input_pos: Tensor, pad: Tensor | None, kv_len: int) -> Tensor:
         return self.model(tokens, input_pos, pad=pad, kv_len=kv_len, last_only=True)[:, -1]
