@@ -27,25 +27,45 @@ def _ray():
     return ray
 
 
+def running_cluster() -> str | None:
+    """Address of the cluster to join without being told: RAY_ADDRESS (set for `ray job submit` drivers), or
+    the cluster the last `ray start` on this host recorded, if its processes are alive. Not Ray's "auto", which
+    also joins any Ray another program on this host started with ray.init() and may shut down mid-run."""
+    env = os.environ.get("RAY_ADDRESS")
+    if env:
+        return env
+    try:
+        from ray._private import services
+        recorded = services.find_bootstrap_address(None)
+        return recorded if recorded and recorded in services.find_gcs_addresses() else None
+    except Exception as e:  # noqa: BLE001  (private API: a change in Ray means "no cluster", not a crash)
+        log.debug("looking for a running Ray cluster failed: %s", e)
+        return None
+
+
 def connect(address: str | None = None, num_cpus: int | None = None, num_gpus: int | None = None,
             object_store_memory: int | None = None, runtime_env: dict | None = None) -> bool:
-    """Join a running cluster (`address`, or RAY_ADDRESS as `ray job submit` sets it; "auto" finds one started
-    with `ray start` on this host) or start a local Ray with the given caps. True when this call started Ray
-    (the caller then shuts it down); False when Ray was already initialised or a cluster was joined."""
+    """Join a cluster: `address`, else a running one (running_cluster: RAY_ADDRESS as `ray job submit` sets it,
+    or the one `ray start` recorded on this host); else, or with address "local", start a local Ray with the given
+    caps. True when this call initialised Ray in this process, so the caller calls ray.shutdown() when done
+    (which only disconnects from a joined cluster); False when Ray was already initialised."""
     ray = _ray()
     if ray.is_initialized():
         return False
-    address = address or os.environ.get("RAY_ADDRESS") or None
+    address = None if address == "local" else address or running_cluster()
     common = dict(runtime_env=runtime_env, logging_level=logging.WARNING, log_to_driver=True)
     if address:
         try:
             ray.init(address=address, **common)
         except (ConnectionError, RuntimeError) as e:
             raise XpuLLMError(f"no Ray cluster could be joined at {address!r} ({str(e).splitlines()[0][:200]}): "
-                              "start one with `ray start --head`, or pass address=None for a local Ray") from None
-        return False
-    ray.init(num_cpus=num_cpus, num_gpus=num_gpus, object_store_memory=object_store_memory,
+                              "check it with `ray status`, start one with `ray start --head`, or pass "
+                              "address='local' for a private local Ray") from None
+        log.info("joined the Ray cluster at %s", address)
+        return True
+    ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, object_store_memory=object_store_memory,
              include_dashboard=False, **common)
+    log.info("started a local Ray (%s CPUs)", num_cpus if num_cpus is not None else "all")
     return True
 
 

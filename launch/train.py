@@ -71,47 +71,16 @@ def parse_train_args(train_argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def running_cluster() -> str | None:
-    """Address of the cluster to join without being told: RAY_ADDRESS (set for `ray job submit` drivers), or
-    the cluster the last `ray start` on this host recorded, if its processes are alive. Not Ray's "auto", which
-    also joins any Ray another program on this host started with ray.init() and may shut down mid-run."""
-    env = os.environ.get("RAY_ADDRESS")
-    if env:
-        return env
-    try:
-        from ray._private import services
-        recorded = services.find_bootstrap_address(None)
-        return recorded if recorded and recorded in services.find_gcs_addresses() else None
-    except Exception as e:  # noqa: BLE001  (private API: a change in Ray means "no cluster", not a crash)
-        log.debug("looking for a running Ray cluster failed: %s", e)
-        return None
-
-
 def connect(address: str | None, workers: int, num_cpus_per_worker: float) -> bool:
-    """Join a Ray cluster: the one already initialised in this process, `address`, or a running one (see
-    running_cluster); else (or with address "local") start a local Ray just big enough for the workers. True
-    when this call initialised Ray (the caller then shuts it down)."""
-    import ray
+    """cluster.connect, with a local Ray (when one is started) just big enough for the workers."""
+    from .cluster import connect as connect_cluster, running_cluster
 
-    if ray.is_initialized():
-        return False
-    address = None if address == "local" else address or running_cluster()
-    if address:
-        try:
-            ray.init(address=address, logging_level=logging.WARNING)
-        except ConnectionError as e:
-            raise XpuLLMError(f"cannot join the Ray cluster at {address}: {e}; check it with `ray status`, or pass "
-                              "address='local' to start a private local Ray") from None
-        log.info("joined the Ray cluster at %s", address)
-        return True
     num_cpus = max(1, math.ceil(workers * num_cpus_per_worker))
-    if num_cpus > (os.cpu_count() or 1):
+    local = address == "local" or not (address or running_cluster())
+    if local and num_cpus > (os.cpu_count() or 1):
         log.warning("%d workers x %g CPUs oversubscribe this host's %d CPUs", workers, num_cpus_per_worker,
                     os.cpu_count() or 1)
-    ray.init(address="local", num_cpus=num_cpus, object_store_memory=LOCAL_OBJECT_STORE, include_dashboard=False,
-             logging_level=logging.WARNING)
-    log.info("started a local Ray with %d CPUs", num_cpus)
-    return True
+    return connect_cluster(address, num_cpus=num_cpus, object_store_memory=LOCAL_OBJECT_STORE)
 
 
 def worker_resources(use_gpu: bool, resources_per_worker: dict | None, num_cpus_per_worker: float) -> dict:
