@@ -52,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--kinds", default="lookup,layer_skip,lowbit")
     ap.add_argument("--layers", default=None, help="layer_skip subset, e.g. 0,2,4 (default: the engine's default)")
     ap.add_argument("--k-max", type=int, default=None, help="most drafts per round (default: the engine's)")
+    ap.add_argument("--draft-low-bit", default=None, help="lowbit draft format (default: the engine's, sym_int4)")
+    ap.add_argument("--draft-group-size", type=int, default=None, help="lowbit draft group size (default: 64)")
     ap.add_argument("--prompts", type=int, default=len(PROMPTS), help="use the first N prompts")
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--ignore-eos", action="store_true")
@@ -67,6 +69,10 @@ def spec_options(args: argparse.Namespace, kind: str, layers: list[int] | None =
     opts: dict[str, Any] = {"kind": kind}
     if args.k_max:
         opts["k_max"] = args.k_max
+    if kind == "lowbit" and args.draft_low_bit:
+        opts["low_bit"] = args.draft_low_bit
+    if kind == "lowbit" and args.draft_group_size:
+        opts["group_size"] = args.draft_group_size
     if kind == "layer_skip" and (layers is not None or args.layers):
         opts["layers"] = tuple(layers if layers is not None else (int(x) for x in args.layers.split(",")))
     return opts
