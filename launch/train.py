@@ -76,8 +76,8 @@ def connect(address: str | None, workers: int, num_cpus_per_worker: float) -> bo
     from .cluster import connect as connect_cluster, running_cluster
 
     num_cpus = max(1, math.ceil(workers * num_cpus_per_worker))
-    local = address == "local" or not (address or running_cluster())
-    if local and num_cpus > (os.cpu_count() or 1):
+    address = address if address == "local" else address or running_cluster() or "local"  # resolved once
+    if address == "local" and num_cpus > (os.cpu_count() or 1):
         log.warning("%d workers x %g CPUs oversubscribe this host's %d CPUs", workers, num_cpus_per_worker,
                     os.cpu_count() or 1)
     return connect_cluster(address, num_cpus=num_cpus, object_store_memory=LOCAL_OBJECT_STORE)
