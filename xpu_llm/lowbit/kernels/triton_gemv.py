@@ -15,7 +15,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_common import ASYM_INT4, cast, decode, load_raw
+from .triton_common import ASYM_INT4, SYM_INT4, SYM_INT8, _MAGIC, cast, decode, decode_inplace, load_raw, x_multiplier
+
+
+# Decode sym/asym int4 and sym_int8 with their fields in place (triton_common.decode); same results either way.
+INPLACE = True
 
 
 @dataclass(frozen=True)
@@ -30,8 +34,8 @@ class GemvConfig:
 
 @triton.jit
 def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, N, K, stride_qn, stride_sn, stride_os,
-                 groups_per_split, FMT: tl.constexpr, G: tl.constexpr, SCALE_MUL: tl.constexpr,
-                 SOFT_BF16: tl.constexpr, BLOCK_N: tl.constexpr, NG: tl.constexpr):
+                 groups_per_split, magic, FMT: tl.constexpr, G: tl.constexpr, SCALE_MUL: tl.constexpr,
+                 SOFT_BF16: tl.constexpr, BLOCK_N: tl.constexpr, NG: tl.constexpr, INPLACE: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -41,6 +45,8 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, N, K, stride_qn, 
     g_begin = pid_s * groups_per_split
     g_end = tl.minimum(g_begin + groups_per_split, K // G)
     acc = tl.zeros((BLOCK_N, NG), tl.float32)
+    IP: tl.constexpr = INPLACE and (FMT == SYM_INT4 or FMT == ASYM_INT4 or FMT == SYM_INT8)
+    x_mul = x_multiplier(re, FMT, IP)  # [G]: undoes the powers of two of the in-place decode (exact)
     # software pipelining: the next step's words are in flight while this step is decoded
     w, s, z = load_raw(q_ptr, s_ptr, z_ptr, rn, g_begin + rg, n_mask, g_begin + rg < g_end, stride_qn, stride_sn,
                        FMT, G, SCALE_MUL)
@@ -49,9 +55,12 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, N, K, stride_qn, 
         g_mask = gi < g_end
         w_next, s_next, z_next = load_raw(q_ptr, s_ptr, z_ptr, rn, gi + NG, n_mask, gi + NG < g_end, stride_qn,
                                           stride_sn, FMT, G, SCALE_MUL)
-        v = decode(w, lut_ptr, FMT, G, BLOCK_N, NG)
+        if IP:
+            v = decode_inplace(w, FMT, G, BLOCK_N, NG, magic)
+        else:
+            v = decode(w, lut_ptr, FMT, G, BLOCK_N, NG)
         x = tl.load(x_ptr + gi[:, None] * G + re[None, :], mask=g_mask[:, None], other=0.0).to(tl.float32)
-        acc += tl.sum(v * x[None, :, :], axis=2) * s  # [BN, NG]: the group's dot product, then its scale
+        acc += tl.sum(v * (x * x_mul[None, :])[None, :, :], axis=2) * s  # [BN, NG]: the group's dot, its scale
         if FMT == ASYM_INT4:  # w = c * s + min: the min multiplies the group's sum of x
             acc += tl.sum(x, axis=1)[None, :] * z
         w, s, z = w_next, s_next, z_next
@@ -109,8 +118,8 @@ def gemv(x2d: Tensor, args: dict, cfg: GemvConfig, out: Tensor, partial: Tensor 
         dest = out
     grid = (triton.cdiv(n, cfg.block_n), split)
     _gemv_kernel[grid](x2d, args["q"], args["s"], args["z"], args["lut"], dest, n, k, args["q"].stride(0),
-                       args["s"].stride(0), n, per, FMT=args["fmt_id"], G=g, SCALE_MUL=args["scale_mul"],
-                       SOFT_BF16=soft_bf16(), BLOCK_N=cfg.block_n, NG=cfg.ng, num_warps=cfg.warps)
+                       args["s"].stride(0), n, per, _MAGIC.value, FMT=args["fmt_id"], G=g, SCALE_MUL=args["scale_mul"],
+                       SOFT_BF16=soft_bf16(), BLOCK_N=cfg.block_n, NG=cfg.ng, INPLACE=INPLACE, num_warps=cfg.warps)
     if split > 1:
         reduce_splits(partial, out)
     return out

@@ -25,7 +25,7 @@ from .triton_gemv import GemvConfig
 
 log = logging.getLogger(__name__)
 
-_VERSION = 2  # bump when the candidate lists or kernels change, so stale cache entries are ignored
+_VERSION = 3  # bump when the candidate lists or kernels change, so stale cache entries are ignored
 _lock = threading.Lock()
 _memory: dict[str, dict] = {}
 _disk_loaded = False
@@ -195,7 +195,12 @@ def gemv_candidates(x: Tensor, args: dict) -> list[GemvConfig]:
     out = []
     # (rows per program, weight bytes per row per K step, warps); the first is the untuned default
     for block_n, step_bytes, warps in ((16, 256, 4), (32, 256, 4), (8, 512, 4), (16, 512, 4), (32, 128, 4),
-                                       (64, 128, 8), (32, 512, 8), (16, 128, 2)):
+                                       (64, 128, 8), (32, 512, 8), (16, 128, 2),
+                                       # few rows, a K step spread over all threads: x is decoded once per
+                                       # thread for all its rows and the group sums stay inside a thread
+                                       (4, 2048, 8), (4, 1024, 4), (8, 512, 4), (4, 512, 4),
+                                       # many rows per thread: the activation's conversion is shared by them
+                                       (32, 512, 4), (64, 512, 4), (16, 1024, 4), (32, 1024, 8), (64, 256, 4)):
         ng = _ng(step_bytes * per_byte, g, k // g)
         n_tiles = triton.cdiv(n, block_n)
         split = _auto_split(x.device, n_tiles, triton.cdiv(k // g, ng))
