@@ -52,6 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--kinds", default="lookup,layer_skip,lowbit")
     ap.add_argument("--layers", default=None, help="layer_skip subset, e.g. 0,2,4 (default: the engine's default)")
     ap.add_argument("--k-max", type=int, default=None, help="most drafts per round (default: the engine's)")
+    ap.add_argument("--threshold", type=float, default=None, help="initial draft threshold (default: the engine's)")
+    ap.add_argument("--target-acceptance", type=float, default=None,
+                    help="acceptance rate the adaptive threshold steers toward (default: the engine's)")
     ap.add_argument("--draft-low-bit", default=None, help="lowbit draft format (default: the engine's, sym_int4)")
     ap.add_argument("--draft-group-size", type=int, default=None, help="lowbit draft group size (default: 64)")
     ap.add_argument("--prompts", type=int, default=len(PROMPTS), help="use the first N prompts")
@@ -69,6 +72,10 @@ def spec_options(args: argparse.Namespace, kind: str, layers: list[int] | None =
     opts: dict[str, Any] = {"kind": kind}
     if args.k_max:
         opts["k_max"] = args.k_max
+    if args.threshold is not None and kind != "lookup":
+        opts["threshold"] = args.threshold
+    if args.target_acceptance is not None and kind != "lookup":
+        opts["target_acceptance"] = args.target_acceptance
     if kind == "lowbit" and args.draft_low_bit:
         opts["low_bit"] = args.draft_low_bit
     if kind == "lowbit" and args.draft_group_size:

@@ -70,6 +70,22 @@ def test_compiled_decode_equals_eager(tiny_checkpoints, low_bit, monkeypatch):
         assert llm.generate_ids(ids, max_new_tokens=24, attention_mask=mask, ignore_eos=True).tolist() == eager
 
 
+@pytest.mark.parametrize("kind", ["lookup", "layer_skip", "lowbit"])
+def test_graphed_speculative_equals_plain(tiny_checkpoints, kind):
+    """Speculative decoding with graph-captured verification passes and draft steps (one graph per batch and
+    number of positions) gives plain greedy's tokens, batch 1 and 2 (left-padded), twice in a row (replays)."""
+    from xpu_llm.graphs import GraphedForward
+    path = tiny_checkpoints["llama"][0]
+    llm = LLM(path, group_size=32, dtype=torch.float32, device=GPU, max_seq_len=64)
+    for ids, mask in ((IDS[:1], MASK[:1]), (IDS, MASK)):
+        plain = llm.generate_ids(ids, max_new_tokens=24, attention_mask=mask, ignore_eos=True).tolist()
+        for _ in range(2):
+            got = llm.generate_ids(ids, max_new_tokens=24, attention_mask=mask, ignore_eos=True, speculative=kind)
+            assert got.tolist() == plain, f"{kind}: speculative tokens differ from plain greedy"
+    graphs = llm.model.__dict__["_forward_graphs"]
+    assert graphs and all(isinstance(g, GraphedForward) and g.replay for g in graphs.values())
+
+
 @pytest.mark.parametrize("low_bit", ["sym_int4", "asym_int4", "nf4", "fp4", "sym_int8", "fp8_e4m3"])
 def test_lowbit_backward_uses_exact_weight(low_bit):
     """The QLoRA backward (grad @ W, W dequantized by one Triton kernel on GPUs) equals grad @ the reference

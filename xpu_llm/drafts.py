@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from .errors import XpuLLMError
 from .generate import Batch, SamplingParams, sampling_probs
+from .graphs import graphed_forward
 from .model import Transformer
 
 log = logging.getLogger(__name__)
@@ -129,7 +130,7 @@ class LayerSkipDraft(ModelDraft):
         self.model, self.layers = model, tuple(layers)
 
     def forward(self, tokens: Tensor, input_pos: Tensor, pad: Tensor | None, kv_len: int) -> Tensor:
-        return self.model(tokens, input_pos, pad=pad, kv_len=kv_len, last_only=True, layers=self.layers)[:, -1]
+        return graphed_forward(self.model, tokens, input_pos, pad, kv_len, True, self.layers)[:, -1]
 
 
 class LowBitDraft(ModelDraft):
@@ -182,7 +183,7 @@ class LowBitDraft(ModelDraft):
         return prop
 
     def forward(self, tokens: Tensor, input_pos: Tensor, pad: Tensor | None, kv_len: int) -> Tensor:
-        return self.model(tokens, input_pos, pad=pad, kv_len=kv_len, last_only=True)[:, -1]
+        return graphed_forward(self.model, tokens, input_pos, pad, kv_len, True)[:, -1]
 
 
 def lowbit_copy(model: Transformer, low_bit: str, group_size: int,

@@ -61,6 +61,54 @@ class GraphedStep:
         return self.logits
 
 
+class GraphedForward:
+    """`model.forward` for one shape of (tokens [B, T], slots [T] or [B, T]) with left padding `pad` [B], captured
+    and replayed like GraphedStep: the verification passes and draft steps of speculative decoding, whose
+    shapes repeat (B rows, k + 1 positions). Attention reads the whole cache (kv_len=None) with the mask built
+    on the device. The returned logits are the graph's output buffer: use them before the next call."""
+
+    def __init__(self, model: Transformer, tokens: Tensor, slots: Tensor, last_only: bool,
+                 layers: tuple[int, ...] | None) -> None:
+        self.model, self.last_only, self.layers = model, last_only, layers
+        self.tokens, self.slots = torch.zeros_like(tokens), torch.zeros_like(slots)
+        self.pad = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
+        self.logits: Tensor | None = None
+        self.replay = None
+        self.cache = model.layers[0].attention.kv_cache
+
+    def _run(self) -> None:
+        self.logits = self.model(self.tokens, self.slots, pad=self.pad, kv_len=None, last_only=self.last_only,
+                                 layers=self.layers)
+
+    @torch.inference_mode()
+    def __call__(self, tokens: Tensor, slots: Tensor, pad: Tensor | None) -> Tensor:
+        self.tokens.copy_(tokens)
+        self.slots.copy_(slots)
+        if pad is None:
+            self.pad.zero_()
+        else:
+            self.pad.copy_(pad)
+        if self.replay is None:
+            self._run()  # eager warm-up on this very call (the cache writes the replay will repeat)
+            self.replay = capture_graph(self._run, self.tokens.device)
+        self.replay()
+        return self.logits
+
+
+def graphed_forward(model: Transformer, tokens: Tensor, slots: Tensor, pad: Tensor | None, kv_len: int,
+                    last_only: bool = False, layers: tuple[int, ...] | None = None) -> Tensor:
+    """model(tokens, slots, pad=pad, kv_len=kv_len, last_only=last_only, layers=layers), through a captured graph
+    per shape on accelerators (see GraphedForward; kv_len is then the whole cache), eagerly elsewhere."""
+    if not graphs_enabled(model):
+        return model(tokens, slots, pad=pad, kv_len=kv_len, last_only=last_only, layers=layers)
+    graphs: dict = model.__dict__.setdefault("_forward_graphs", {})
+    key = (tuple(tokens.shape), tuple(slots.shape), last_only, layers)
+    g = graphs.get(key)
+    if g is None or g.cache is not model.layers[0].attention.kv_cache:
+        g = graphs[key] = GraphedForward(model, tokens, slots, last_only, layers)
+    return g(tokens, slots, pad)
+
+
 def compile_decode(model: Transformer, on: bool = True) -> None:
     """Run `model`'s graph-captured decode steps through torch.compile (see the module docstring); no effect
     where steps are not captured (CPUs, XPU_LLM_GRAPHS=0)."""

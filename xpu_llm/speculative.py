@@ -28,6 +28,7 @@ from .device import synchronize
 from .drafts import DRAFT_KINDS, DecodeState, Proposal, build_draft, slots_arg
 from .errors import GenerationInputError, XpuLLMError
 from .generate import GenerationStats, SamplingParams, make_batch, prefill, sample, sampling_probs
+from .graphs import graphed_forward
 from .model import Transformer
 
 AcceptRule = Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -309,7 +310,7 @@ def verify(model: Transformer, st: DecodeState, prop: Proposal, params: Sampling
     tokens = torch.cat([st.pending.view(-1, 1), prop.tokens], 1)
     last = st.max_seq_len - 1
     slots = (st.pos.view(-1, 1) + torch.arange(k + 1, device=st.pos.device)).clamp(max=last)
-    logits = model(tokens, slots_arg(slots), pad=st.pad, kv_len=min(st.live_max_pos() + k + 1, last + 1))
+    logits = graphed_forward(model, tokens, slots_arg(slots), st.pad, min(st.live_max_pos() + k + 1, last + 1))
     if params.temperature == 0:
         return verify_greedy(logits, prop)
     return verify_sampling(logits, prop, params, gen, cfg.accept_rule)
