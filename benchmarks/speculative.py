@@ -180,8 +180,10 @@ def random_model(shape: str, device: torch.device, dtype: torch.dtype):
 
 
 def time_forward(model, tokens: int, pos: int, reps: int, device, layers=None) -> float:
-    """Median ms of one forward of `tokens` positions at slot `pos` (last_only when tokens == 1)."""
+    """Median ms of one forward of `tokens` positions at slot `pos` (last_only when tokens == 1), through
+    graphed_forward as the engine runs verification passes and draft steps (a captured graph on GPUs)."""
     from xpu_llm.device import synchronize
+    from xpu_llm.graphs import graphed_forward
     ids = torch.randint(0, 1000, (1, tokens), device=device)
     slots = torch.arange(pos, pos + tokens, device=device)
     times = []
@@ -189,7 +191,8 @@ def time_forward(model, tokens: int, pos: int, reps: int, device, layers=None) -
         for i in range(reps + 2):
             synchronize(device)
             t0 = time.perf_counter()
-            model(ids, slots, kv_len=pos + tokens, last_only=tokens == 1, layers=layers)
+            graphed_forward(model, ids, slots, None, pos + tokens, tokens == 1,
+                            None if layers is None else tuple(layers))
             synchronize(device)
             if i >= 2:
                 times.append(time.perf_counter() - t0)
