@@ -55,7 +55,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--threshold", type=float, default=None, help="initial draft threshold (default: the engine's)")
     ap.add_argument("--target-acceptance", type=float, default=None,
                     help="acceptance rate the adaptive threshold steers toward (default: the engine's)")
-    ap.add_argument("--draft-low-bit", default=None, help="lowbit draft format (default: the engine's, sym_int4)")
+    ap.add_argument("--draft-low-bit", default=None, help="lowbit draft format (default: the engine's, auto)")
     ap.add_argument("--draft-group-size", type=int, default=None, help="lowbit draft group size (default: 64)")
     ap.add_argument("--prompts", type=int, default=len(PROMPTS), help="use the first N prompts")
     ap.add_argument("--new-tokens", type=int, default=64)

@@ -1,6 +1,8 @@
 """Drafts for self-speculative decoding (speculative.py verifies what they propose):
 
-- `LowBitDraft`   ("lowbit"): the target's weights re-quantized to a 4-bit format, with its own KV cache;
+- `LowBitDraft`   ("lowbit"): the target's linears re-quantized to 4 bits, with its own KV cache. By default
+  ("auto") a layer read from GGUF Q4_0 / Q4_1 blocks goes back into that grid (sym_int4 / asym_int4, group 32),
+  which reproduces a dequantized target's weights exactly (more drafts accepted); the others go to sym_int4;
 - `LayerSkipDraft` ("layer_skip"): the target itself running a subset of its layers; no second copy of the
   weights, and no second KV cache either (it writes draft keys/values into the target's cache at the slots the
   verification pass overwrites next);
@@ -139,14 +141,14 @@ class LowBitDraft(ModelDraft):
 
     kind = "lowbit"
 
-    def __init__(self, model: Transformer, low_bit: str = "sym_int4", group_size: int = 64,
+    def __init__(self, model: Transformer, low_bit: str = "auto", group_size: int = 64,
                  kernel_dtype: torch.dtype | None = None) -> None:
         self.target = model
         self.model, share = lowbit_copy(model, low_bit, group_size, kernel_dtype)
         if share < 0.5:
             raise XpuLLMError(
                 f"the target's linear layers are already in a format of at most 4 bits (all but {share:.0%} of "
-                f"their weights), so a {low_bit} draft would cost about as much as the target; use "
+                f"their weights), so a lowbit draft ({low_bit}) would cost about as much as the target; use "
                 "speculative='layer_skip' or 'lookup' instead, or load the target in a wider format "
                 "(low_bit=None, 'bf16', 'sym_int8', 'fp8_e4m3')")
 
@@ -186,21 +188,49 @@ class LowBitDraft(ModelDraft):
         return graphed_forward(self.model, tokens, input_pos, pad, kv_len, True)[:, -1]
 
 
+def draft_format(low_bit: str) -> str:
+    """`low_bit` as the lowbit draft takes it (normalised): "auto" or a registry format of at most 4 bits."""
+    from .lowbit.formats import FORMATS
+
+    name = str(low_bit).strip().lower()
+    if name == "auto":
+        return name
+    four_bit = [n for n, f in FORMATS.items() if not f.dense and f.bits <= 4]
+    if name not in four_bit:
+        raise XpuLLMError(f"the lowbit draft needs low_bit='auto' or a 4-bit format ({', '.join(four_bit)}), "
+                          f"got {low_bit!r}")
+    return name
+
+
+def draft_grid(model: Transformer, name: str, low_bit: str, group_size: int,
+               in_features: int) -> tuple[str, int | None, bool]:
+    """(format, group, exact) of the draft's copy of linear `name`. "auto": the 4-bit grid its weight was read in
+    (model.source_grid), which should give the weight back exactly, else sym_int4. Other groups are `group_size`,
+    else 64 or 32 where it does not divide in_features (None: neither does)."""
+    from .lowbit.exact import EXACT_FORMATS
+
+    if low_bit == "auto":
+        fmt, g = getattr(model, "source_grid", {}).get(name, (None, 0))
+        if fmt in EXACT_FORMATS and in_features % g == 0:
+            return fmt, g, True
+        low_bit = "sym_int4"
+    return low_bit, next((s for s in (group_size, 64, 32) if in_features % s == 0), None), False
+
+
 def lowbit_copy(model: Transformer, low_bit: str, group_size: int,
                 kernel_dtype: torch.dtype | None = None) -> tuple[Transformer, float]:
-    """A Transformer sharing `model`'s embeddings and norms, with every linear re-quantized to `low_bit`
-    (wider low-bit formats are dequantized first; ≤ 4-bit ones are shared); returns it and the share of the
-    linear weights that were re-quantized (the rest the draft reads just as the target does)."""
+    """A Transformer sharing `model`'s embeddings and norms, with every linear re-quantized to `low_bit` ("auto":
+    see draft_grid; wider low-bit formats are dequantized first; ≤ 4-bit ones are shared); returns it and the
+    share of the linear weights that were re-quantized (the rest the draft reads just as the target does)."""
     from .loading import meta_model, quantize_rows
-    from .lowbit.formats import get_format
+    from .lowbit.exact import exact_quantize
     from .lowbit.linear import LowBitLinear
 
-    fmt = get_format(low_bit)
-    if fmt.dense or fmt.bits > 4:
-        raise XpuLLMError(f"the lowbit draft needs a 4-bit format (sym_int4, asym_int4, nf4, fp4), got {low_bit}")
+    low_bit = draft_format(low_bit)
     draft = meta_model(model.config)
     draft.tok_embeddings, draft.norm = model.tok_embeddings, model.norm
     made, total = 0, 0
+    off_grid: list[str] = []
 
     def convert(src: nn.Module, name: str) -> nn.Module:
         nonlocal made, total
@@ -215,13 +245,16 @@ def lowbit_copy(model: Transformer, low_bit: str, group_size: int,
             raise XpuLLMError(f"{name} is a {type(src).__name__}; the lowbit draft handles nn.Linear and "
                               "LowBitLinear layers only (use layer_skip or lookup with this model)")
         in_f, out_f = src.in_features, src.out_features
-        g = next((s for s in (group_size, 64, 32) if in_f % s == 0), None)
+        fmt, g, exact = draft_grid(model, name, low_bit, group_size, in_f)
         if g is None:
             log.warning("%s: in_features %d fits no group size; the draft shares the target's layer", name, in_f)
             return src
-        q = quantize_rows(fmt.name, weight, g)
-        layer = LowBitLinear.from_quantized(q, in_f, out_f, fmt.name, g,
-                                            bias=None if bias is None else bias.detach())
+        q = exact_quantize(fmt, weight, g) if exact else None
+        if exact and q is None:
+            off_grid.append(name)
+        if q is None:
+            q = quantize_rows(fmt, weight, g)
+        layer = LowBitLinear.from_quantized(q, in_f, out_f, fmt, g, bias=None if bias is None else bias.detach())
         layer.kernel_dtype = kernel_dtype
         made += in_f * out_f
         return layer
@@ -233,6 +266,10 @@ def lowbit_copy(model: Transformer, low_bit: str, group_size: int,
         dst.feed_forward.w13 = convert(src.feed_forward.w13, f"layers.{i}.feed_forward.w13")
         dst.feed_forward.w2 = convert(src.feed_forward.w2, f"layers.{i}.feed_forward.w2")
     draft.output = convert(model.output, "output")
+    if off_grid:
+        log.info("lowbit draft: %d layers read from 4-bit GGUF blocks (%s ...) are no longer exactly on that grid "
+                 "(the target holds them in another dtype or format); quantized into it anyway", len(off_grid),
+                 off_grid[0])
     left = [n for n, t in list(draft.named_parameters()) + list(draft.named_buffers()) if t.is_meta]
     assert not left, f"lowbit draft: tensors left on meta: {left[:4]}"
     return draft.eval(), made / max(total, 1)
@@ -295,7 +332,7 @@ def default_skip_layers(n_layers: int) -> tuple[int, ...]:
     return tuple(i for i in range(n_layers) if i not in drop)
 
 
-def build_draft(kind: str, model: Transformer, layers: Sequence[int] | None = None, low_bit: str = "sym_int4",
+def build_draft(kind: str, model: Transformer, layers: Sequence[int] | None = None, low_bit: str = "auto",
                 group_size: int = 64, kernel_dtype: torch.dtype | None = None, ngram_max: int = 3,
                 ngram_min: int = 1):
     """The draft object for `kind` over `model`."""

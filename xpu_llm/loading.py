@@ -248,6 +248,7 @@ class Loader:
         out_f = sum(p.rows() for p in parts)
         in_f = self.model.get_submodule(full).in_features
         _set_module(self.model, full, _make_linear(weight, q, bias, in_f, out_f, fmt, g, self.dtype, full))
+        self._record_grid(full, parts)
         del self.pending[full]
         self.done.add(full)
 
@@ -264,6 +265,7 @@ class Loader:
             head = self._head(self.embed if tied else self.head)
         if shard.head:
             self.model.output = head
+            self._record_grid("output", [self.embed if tied else self.head])
         if shard.embed:
             self._place_embedding(head if tied else None)
         missing = [n for n, t in list(self.model.named_parameters()) + list(self.model.named_buffers())
@@ -271,6 +273,13 @@ class Loader:
         if missing or self.pending:
             raise XpuLLMError(f"the checkpoint is incomplete: no data for {(missing + list(self.pending))[:6]} ...")
         return self.model
+
+    def _record_grid(self, path: str, parts: list[Item]) -> None:
+        """Note in Transformer.source_grid the (format, group) of the blocks every part of linear `path` was read in,
+        whatever format the layer is made in; nothing for a fused q|k|v or gate|up whose parts differ or are float."""
+        grids = {(p.low_bit, p.group_size) if p.q is not None else None for p in parts}
+        if len(grids) == 1 and None not in grids:
+            self.model.source_grid[path] = grids.pop()
 
     def _head(self, item: Item) -> nn.Module:
         """The lm_head (also what a tied embedding reads its rows from) from its item, this rank's rows."""

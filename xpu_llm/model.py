@@ -124,6 +124,10 @@ class Transformer(nn.Module):
         self.max_batch_size = -1
         self.max_seq_len = -1
         self.cache_factory = KVCache  # how setup_caches builds each layer's cache (kv_cache.py swaps it)
+        # Linear path ("layers.0.attention.wqkv", "output") -> (format, group) of the quantized blocks its weight was
+        # read from (GGUF Q4_0 / Q4_1 / Q8_0; loading.py), whatever format it is held in now. The lowbit draft's
+        # "auto" re-quantizes a layer into its own 4-bit grid, where a dequantized weight is reproduced exactly.
+        self.source_grid: dict[str, tuple[str, int]] = {}
 
     def setup_caches(self, max_batch_size: int, max_seq_len: int, dtype: torch.dtype | None = None,
                      device: torch.device | str | None = None) -> None:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .device import synchronize
-from .drafts import DRAFT_KINDS, DecodeState, Proposal, build_draft, slots_arg
+from .drafts import DRAFT_KINDS, DecodeState, Proposal, build_draft, draft_format, slots_arg
 from .errors import GenerationInputError, XpuLLMError
 from .generate import GenerationStats, SamplingParams, make_batch, prefill, sample, sampling_probs
 from .graphs import graphed_forward
@@ -41,7 +41,12 @@ def exact_accept(p_d: Tensor, q_d: Tensor, u: Tensor) -> Tensor:
 
 @dataclass
 class SpeculativeConfig:
-    """Which draft and how hard to push it. `kind` is one of DRAFT_KINDS."""
+    """Which draft and how hard to push it. `kind` is one of DRAFT_KINDS.
+
+    The lowbit draft's `low_bit` is "auto" by default: each linear read from GGUF Q4_0 / Q4_1 blocks is
+    re-quantized into that same grid (sym_int4 / asym_int4, group 32), which gives a target loaded from them in
+    float32 its exact weights back, so the draft agrees with it more often; every other linear goes to
+    sym_int4 at `group_size`. A format name (sym_int4, asym_int4, nf4, fp4) quantizes every linear in it."""
     kind: str = "layer_skip"
     k_max: int = 8  # most drafts per round
     k_min: int = 1  # drafts per round before the threshold may stop a model draft
@@ -51,8 +56,8 @@ class SpeculativeConfig:
     adapt_rate: float = 1.0  # threshold *= exp(adapt_rate * (target_acceptance - round acceptance))
     threshold_bounds: tuple[float, float] = (0.05, 0.95)
     layers: tuple[int, ...] | None = None  # layer_skip: layer indices the draft runs (None: the default)
-    low_bit: str = "sym_int4"  # lowbit: the draft's format
-    group_size: int = 64  # lowbit: the draft's group size (falls back to 32 where 64 does not divide)
+    low_bit: str = "auto"  # lowbit: the draft's format, or "auto": each layer's GGUF 4-bit grid, else sym_int4
+    group_size: int = 64  # lowbit: the draft's group size (auto: where no source grid; 32 where 64 does not divide)
     ngram_max: int = 3  # lookup: longest suffix matched
     ngram_min: int = 1  # lookup: shortest suffix matched
     reference_step: bool = True  # time one plain decode step per call to estimate the speedup
@@ -88,13 +93,15 @@ class SpeculativeConfig:
                               "inside [0, 1]")
         if not 0 < self.target_acceptance < 1:
             raise XpuLLMError(f"target_acceptance must be in (0, 1), got {self.target_acceptance}")
+        if self.kind == "lowbit":
+            draft_format(self.low_bit)
 
     def draft_key(self) -> tuple:
         """What identifies a built draft (a new one is built when this changes)."""
         if self.kind == "layer_skip":
             return self.kind, self.layers
         if self.kind == "lowbit":
-            return self.kind, self.low_bit, self.group_size
+            return self.kind, draft_format(self.low_bit), self.group_size
         return self.kind, self.ngram_max, self.ngram_min
 
 
