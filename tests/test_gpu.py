@@ -76,7 +76,7 @@ def test_graphed_speculative_equals_plain(tiny_checkpoints, kind):
     number of positions) gives plain greedy's tokens, batch 1 and 2 (left-padded), twice in a row (replays)."""
     from xpu_llm.graphs import GraphedForward
     path = tiny_checkpoints["llama"][0]
-    llm = LLM(path, group_size=32, dtype=torch.float32, device=GPU, max_seq_len=64)
+    llm = LLM(path, low_bit=None, dtype=torch.float32, device=GPU, max_seq_len=64)  # dense: lowbit applies
     for ids, mask in ((IDS[:1], MASK[:1]), (IDS, MASK)):
         plain = llm.generate_ids(ids, max_new_tokens=24, attention_mask=mask, ignore_eos=True).tolist()
         for _ in range(2):
