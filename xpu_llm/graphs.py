@@ -3,7 +3,8 @@ decode step's logits; on a GPU it is captured once per batch size into an accele
 through xpu_llm.device) and replayed, which removes the per-kernel launch cost that bounds eager decoding of
 small batches. The captured step has static shapes: the token, its cache slot and the rows' left padding live in
 fixed buffers, attention reads every cache slot with the mask built from the slot on the device, so one graph
-serves every position. CPUs (and XPU_LLM_GRAPHS=0) run the eager step.
+serves every position. `graphed_forward` does the same for any repeating shape of tokens and slots (the
+verification passes and draft steps of speculative decoding). CPUs (and XPU_LLM_GRAPHS=0) run eagerly.
 
 `compile_decode(model)` (LLM(compile=True), `--compile`) also runs the step through torch.compile before the
 capture: inductor fuses RMSNorm, RoPE, SwiGLU, the residual adds and the mask into a few kernels, which matters
@@ -24,75 +25,65 @@ from .model import Transformer
 Step = Callable[[Tensor, int], Tensor]  # (token [B], slot) -> logits [B, V]
 
 
-class GraphedStep:
-    """One decode step of `model` for `batch` rows, captured and replayed (see the module docstring)."""
+class GraphedForward:
+    """`model.forward` for one shape of (tokens [B, T], slots [T] or [B, T]) with left padding `pad` [B], captured
+    and replayed: the decode step (GraphedStep) and the verification passes and draft steps of speculative
+    decoding, whose shapes repeat (B rows, k + 1 positions). Attention reads the whole cache (kv_len=None) with
+    the mask built on the device, so one graph serves every position. `compile`: torch.compile the forward
+    before the capture. The returned logits are the graph's output buffer: use them before the next call."""
 
-    def __init__(self, model: Transformer, batch: int) -> None:
+    def __init__(self, model: Transformer, tokens_shape: tuple[int, ...], slots_shape: tuple[int, ...],
+                 last_only: bool, layers: tuple[int, ...] | None = None, compile: bool = False) -> None:
         dev = model.norm.weight.device
-        self.model, self.batch = model, batch
-        self.token = torch.zeros(batch, 1, dtype=torch.long, device=dev)
-        self.slot = torch.zeros(1, dtype=torch.long, device=dev)
-        self.pad = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.model, self.last_only, self.layers, self.compile = model, last_only, layers, compile
+        self.tokens = torch.zeros(tokens_shape, dtype=torch.long, device=dev)
+        self.slots = torch.zeros(slots_shape, dtype=torch.long, device=dev)
+        self.pad = torch.zeros(tokens_shape[0], dtype=torch.long, device=dev)
         self.logits: Tensor | None = None
         self.replay = None
         self.cache = model.layers[0].attention.kv_cache  # a new cache (setup_caches) needs a new graph
         self.forward = model.forward
 
-    def _step(self) -> None:
-        self.logits = self.forward(self.token, self.slot, pad=self.pad, kv_len=None, last_only=True)[:, -1]
+    def _run(self) -> None:
+        self.logits = self.forward(self.tokens, self.slots, pad=self.pad, kv_len=None, last_only=self.last_only,
+                                   layers=self.layers)
 
-    @torch.inference_mode()
-    def __call__(self, token: Tensor, slot: int, pad: Tensor | None) -> Tensor:
-        self.token.copy_(token.view(-1, 1))
-        self.slot.fill_(slot)
+    def run(self, pad: Tensor | None) -> Tensor:
+        """Replay on the tokens and slots already in place (capturing on the first call)."""
         if pad is None:
             self.pad.zero_()
         else:
             self.pad.copy_(pad)
         if self.replay is None:
-            # Warm up eagerly on this very step (the same cache writes the replay will make: lazy kernel packing
-            # and autotuning happen here), compile if asked (a second identical step), then capture.
-            self._step()
-            if self.model.__dict__.get("_compile_decode"):
+            # Warm up eagerly on this very call (the same cache writes the replay will make: lazy kernel packing
+            # and autotuning happen here), compile if asked (a second identical call), then capture.
+            self._run()
+            if self.compile:
                 self.forward = torch.compile(self.model.forward, dynamic=False)
-                self._step()
-            self.replay = capture_graph(self._step, self.token.device)
+                self._run()
+            self.replay = capture_graph(self._run, self.tokens.device)
         self.replay()
         return self.logits
-
-
-class GraphedForward:
-    """`model.forward` for one shape of (tokens [B, T], slots [T] or [B, T]) with left padding `pad` [B], captured
-    and replayed like GraphedStep: the verification passes and draft steps of speculative decoding, whose
-    shapes repeat (B rows, k + 1 positions). Attention reads the whole cache (kv_len=None) with the mask built
-    on the device. The returned logits are the graph's output buffer: use them before the next call."""
-
-    def __init__(self, model: Transformer, tokens: Tensor, slots: Tensor, last_only: bool,
-                 layers: tuple[int, ...] | None) -> None:
-        self.model, self.last_only, self.layers = model, last_only, layers
-        self.tokens, self.slots = torch.zeros_like(tokens), torch.zeros_like(slots)
-        self.pad = torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
-        self.logits: Tensor | None = None
-        self.replay = None
-        self.cache = model.layers[0].attention.kv_cache
-
-    def _run(self) -> None:
-        self.logits = self.model(self.tokens, self.slots, pad=self.pad, kv_len=None, last_only=self.last_only,
-                                 layers=self.layers)
 
     @torch.inference_mode()
     def __call__(self, tokens: Tensor, slots: Tensor, pad: Tensor | None) -> Tensor:
         self.tokens.copy_(tokens)
         self.slots.copy_(slots)
-        if pad is None:
-            self.pad.zero_()
-        else:
-            self.pad.copy_(pad)
-        if self.replay is None:
-            self._run()  # eager warm-up on this very call (the cache writes the replay will repeat)
-            self.replay = capture_graph(self._run, self.tokens.device)
-        self.replay()
-        return self.logits
+        return self.run(pad)
+
+
+class GraphedStep(GraphedForward):
+    """One decode step of `model` for `batch` rows at one shared slot: (token [B], slot) -> logits [B, V]."""
+
+    def __init__(self, model: Transformer, batch: int) -> None:
+        super().__init__(model, (batch, 1), (1,), True, compile=bool(model.__dict__.get("_compile_decode")))
+        self.batch = batch
+
+    @torch.inference_mode()
+    def __call__(self, token: Tensor, slot: int, pad: Tensor | None) -> Tensor:
+        self.tokens.copy_(token.view(-1, 1))
+        self.slots.fill_(slot)
+        return self.run(pad)[:, -1]
 
 
 def graphed_forward(model: Transformer, tokens: Tensor, slots: Tensor, pad: Tensor | None, kv_len: int,
@@ -105,7 +96,7 @@ def graphed_forward(model: Transformer, tokens: Tensor, slots: Tensor, pad: Tens
     key = (tuple(tokens.shape), tuple(slots.shape), last_only, layers)
     g = graphs.get(key)
     if g is None or g.cache is not model.layers[0].attention.kv_cache:
-        g = graphs[key] = GraphedForward(model, tokens, slots, last_only, layers)
+        g = graphs[key] = GraphedForward(model, tuple(tokens.shape), tuple(slots.shape), last_only, layers)
     return g(tokens, slots, pad)
 
 

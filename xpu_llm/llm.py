@@ -122,6 +122,10 @@ class LLM:
         # speculative.py); drafts are built on first use and kept, keyed by their options.
         self.speculative = self._speculative_config(speculative, None)
         self._drafts: dict[tuple, Any] = {}
+        # Let the tokenizer thread finish before returning (its error, if any, is raised where the tokenizer is first
+        # used): transformers' lazy module is not safe to import from two threads at once, so a caller touching
+        # transformers right after LLM() could otherwise find attributes such as transformers.LlamaConfig missing.
+        self._tokenizer_future.exception()
 
     # ------------------------------------------------------------------------------------------ basics
     def _speed_up_cpu(self, exact: bool) -> None:
