@@ -126,6 +126,20 @@ def test_gemv(name, g):
 
 
 @here
+@pytest.mark.parametrize("name", ["sym_int4", "asym_int4", "sym_int8"])
+def test_gemv_inplace_decode_same_bits(name, monkeypatch):
+    """The in-place decode (one logic op and one FMA per value) gives exactly the values of the plain decode, so
+    the GEMV's output is the same bits with it on or off."""
+    fmt, q, args = _weight(name, 64)
+    x = _x(1, GROUPS * 64)
+    outs = []
+    for inplace in (False, True):
+        monkeypatch.setattr(tgemv, "INPLACE", inplace)
+        outs.append(tgemv.gemv(x, args, GemvConfig(16, 2, 2, 1), _nan(1, N_OUT, dtype=torch.float32)))
+    assert torch.equal(outs[0], outs[1]), f"{name}: in-place decode changed the GEMV's result"
+
+
+@here
 @pytest.mark.parametrize("name", LOW_BIT_NAMES)
 def test_dot_skinny_and_prefill(name):
     g = 64

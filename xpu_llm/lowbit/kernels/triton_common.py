@@ -111,20 +111,19 @@ def load_raw(q_ptr, s_ptr, z_ptr, rn, gi, n_mask, g_mask, stride_qn, stride_sn,
 
 @triton.jit
 def _inplace_plane(w, SHIFT: tl.constexpr, BITS: tl.constexpr, OFFSET: tl.constexpr, magic):
-    """The field of BITS bits at SHIFT of every word, left in place: exact float32 (code - OFFSET) * 2**SHIFT, from
-    one masked OR (the field must end below bit 23). The 2**-SHIFT goes into the activation (x_multiplier).
-    `magic` is _MAGIC passed at run time: in a register it lets the mask and the OR fuse into one LOP3 (two
-    immediates cannot)."""
+    """The field of BITS bits at SHIFT of every word as exact float32 code - OFFSET, read in place: one masked OR
+    gives 2**23 + code * 2**SHIFT (the field must end below bit 23), one FMA scales by 2**-SHIFT and subtracts
+    (exact: a power-of-two product, an integer result). `magic` is _MAGIC passed at run time: in a register it
+    lets the mask and the OR fuse into one LOP3 (two immediates cannot)."""
     bits = (w & (((1 << BITS) - 1) << SHIFT)) | magic
-    return bits.to(tl.float32, bitcast=True) - (_TWO23 + OFFSET * (1 << SHIFT))
+    return bits.to(tl.float32, bitcast=True) * (1.0 / (1 << SHIFT)) - (_TWO23 / (1 << SHIFT) + OFFSET)
 
 
 @triton.jit
 def decode_inplace(w, FMT: tl.constexpr, G: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr, magic):
-    """decode() for sym/asym int4 and sym_int8 with every value times a power of two that the caller removes by
-    multiplying the activation by x_multiplier: fields below bit 20 (int4) or 16 (int8) are read in place, the
-    others after one shift per word, so a value costs one logic op and one add (the GEMV is bound by the
-    instructions per weight, not by bytes). `magic`: _MAGIC as a run-time value."""
+    """decode() for sym/asym int4 and sym_int8 (the same values) in fewer instructions: fields below bit 20 (int4)
+    or 16 (int8) are read in place, the others after one shift per word, so a value costs one logic op and one
+    FMA (the GEMV is bound by the instructions per weight, not by bytes). `magic`: _MAGIC as a run-time value."""
     if FMT == SYM_INT8:
         w = w ^ 0x80808080  # two's complement -> value + 128 in every byte
         hi = w >> 16
@@ -138,20 +137,6 @@ def decode_inplace(w, FMT: tl.constexpr, G: tl.constexpr, BN: tl.constexpr, NG: 
                     tl.join(tl.join(_inplace_plane(w, 4, 4, OFF, magic), _inplace_plane(hi, 0, 4, OFF, magic)),
                             tl.join(_inplace_plane(w, 12, 4, OFF, magic), _inplace_plane(hi, 8, 4, OFF, magic))))
     return tl.reshape(v, (BN, NG, G))
-
-
-@triton.jit
-def x_multiplier(re, FMT: tl.constexpr, INPLACE: tl.constexpr):
-    """Per element position `re` within a group: the power of two that the activation is multiplied by so that
-    it cancels the 2**SHIFT left in the weight values by decode_inplace (1.0 where decode() is used)."""
-    if INPLACE and (FMT == SYM_INT4 or FMT == ASYM_INT4):
-        j = re % 8
-        shift = 4 * tl.where(j < 5, j, j - 5)
-    elif INPLACE and FMT == SYM_INT8:
-        shift = 8 * (re % 2)
-    else:
-        shift = re * 0
-    return ((127 - shift) << 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit

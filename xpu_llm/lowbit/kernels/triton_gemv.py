@@ -15,12 +15,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_common import (ASYM_INT4, SYM_INT4, SYM_INT8, _MAGIC, cast, decode, decode_inplace, load_raw,
-                            x_multiplier)
+from .triton_common import ASYM_INT4, SYM_INT4, SYM_INT8, _MAGIC, cast, decode, decode_inplace, load_raw
 
 
-# Decode sym/asym int4 and sym_int8 with their fields in place (triton_common.decode_inplace: fewer instructions per
-# weight, ~4% faster on an H200); the results are the same bits either way.
+# Decode sym/asym int4 and sym_int8 with their fields in place (triton_common.decode_inplace: 8.3 instead of 9.3
+# instructions per weight in the loop, sm_90 SASS); the results are the same bits either way.
 INPLACE = True
 
 
@@ -48,7 +47,6 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, N, K, stride_qn, 
     g_end = tl.minimum(g_begin + groups_per_split, K // G)
     acc = tl.zeros((BLOCK_N, NG), tl.float32)
     IP: tl.constexpr = INPLACE and (FMT == SYM_INT4 or FMT == ASYM_INT4 or FMT == SYM_INT8)
-    x_mul = x_multiplier(re, FMT, IP)  # [G]: undoes the powers of two of the in-place decode (exact)
     # software pipelining: the next step's words are in flight while this step is decoded
     w, s, z = load_raw(q_ptr, s_ptr, z_ptr, rn, g_begin + rg, n_mask, g_begin + rg < g_end, stride_qn, stride_sn,
                        FMT, G, SCALE_MUL)
@@ -62,7 +60,7 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, N, K, stride_qn, 
         else:
             v = decode(w, lut_ptr, FMT, G, BLOCK_N, NG)
         x = tl.load(x_ptr + gi[:, None] * G + re[None, :], mask=g_mask[:, None], other=0.0).to(tl.float32)
-        acc += tl.sum(v * (x * x_mul[None, :])[None, :, :], axis=2) * s  # [BN, NG]: the group's dot, its scale
+        acc += tl.sum(v * x[None, :, :], axis=2) * s  # [BN, NG]: the group's dot product, then its scale
         if FMT == ASYM_INT4:  # w = c * s + min: the min multiplies the group's sum of x
             acc += tl.sum(x, axis=1)[None, :] * z
         w, s, z = w_next, s_next, z_next
