@@ -128,8 +128,8 @@ def test_gemv(name, g):
 @here
 @pytest.mark.parametrize("name", ["sym_int4", "asym_int4", "sym_int8"])
 def test_gemv_inplace_decode_same_bits(name, monkeypatch):
-    """The in-place decode (one logic op and one FMA per value) gives exactly the values of the plain decode, so
-    the GEMV's output is the same bits with it on or off."""
+    """The in-place decode (one logic op and one FMA per value) gives exactly the values of the plain decode, and
+    bf16 activations read as int32 pairs exactly their float32 values: the GEMV's output is the same bits."""
     fmt, q, args = _weight(name, 64)
     x = _x(1, GROUPS * 64)
     outs = []
@@ -137,6 +137,12 @@ def test_gemv_inplace_decode_same_bits(name, monkeypatch):
         monkeypatch.setattr(tgemv, "INPLACE", inplace)
         outs.append(tgemv.gemv(x, args, GemvConfig(16, 2, 2, 1), _nan(1, N_OUT, dtype=torch.float32)))
     assert torch.equal(outs[0], outs[1]), f"{name}: in-place decode changed the GEMV's result"
+    # x at an address that is not 4-byte aligned takes the plain bf16 load instead of int32 pairs: same bits
+    odd = torch.empty(1, x.shape[1] + 1, dtype=x.dtype, device=x.device)[:, 1:]
+    odd.copy_(x)
+    assert odd.data_ptr() % 4 and x.data_ptr() % 4 == 0
+    out = tgemv.gemv(odd, args, GemvConfig(16, 2, 2, 1), _nan(1, N_OUT, dtype=torch.float32))
+    assert torch.equal(out, outs[1]), f"{name}: the paired bf16 load changed the GEMV's result"
 
 
 @here
