@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_common import ASYM_INT4, SYM_INT4, SYM_INT8, _MAGIC, cast, decode, decode_inplace, load_raw
+from .triton_common import ASYM_INT4, SYM_INT4, SYM_INT8, _MAGIC, cast, decode, decode_inplace
 
 
 # Decode sym/asym int4 and sym_int8 with their fields in place (triton_common.decode_inplace: one instruction per
@@ -34,48 +34,89 @@ class GemvConfig:
 
 
 @triton.jit
+def _load_step(q_ptrs, s_ptrs, z_ptrs, mask3, mask2, FMT: tl.constexpr, SCALE_MUL: tl.constexpr):
+    """One K step of the weight: code words [BN, NG, WPG] (uint32), scales and mins [BN, NG] float32."""
+    w = tl.load(q_ptrs, mask=mask3, other=0).to(tl.uint32, bitcast=True)
+    s = tl.load(s_ptrs, mask=mask2, other=0.0).to(tl.float32)
+    if SCALE_MUL != 1.0:
+        s = s * SCALE_MUL
+    if FMT == ASYM_INT4:
+        z = tl.load(z_ptrs, mask=mask2, other=0.0).to(tl.float32)
+    else:
+        z = tl.zeros_like(s)
+    return w, s, z
+
+
+@triton.jit
 def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, N, K, stride_qn, stride_sn, stride_os,
                  groups_per_split, magic, FMT: tl.constexpr, G: tl.constexpr, SCALE_MUL: tl.constexpr,
                  SOFT_BF16: tl.constexpr, BLOCK_N: tl.constexpr, NG: tl.constexpr, INPLACE: tl.constexpr,
-                 X_PAIRS: tl.constexpr):
+                 X_PAIRS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_G: tl.constexpr):
+    """EVEN_N: N is a multiple of BLOCK_N; EVEN_G: every K step is whole (groups_per_split and K // G are multiples
+    of NG). Then the loads need no per-element masks, only the prefetch past the end is cut (one scalar test);
+    pointers advance by a constant per step, so the loop spends its instructions on the weights."""
+    WPG: tl.constexpr = G // 8 if FMT < SYM_INT8 else G // 4  # code words per group and row
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_mask = rn < N
+    if EVEN_N:
+        n_mask = rn == rn  # all true, folded by the compiler
     rg = tl.arange(0, NG)
     re = tl.arange(0, G)
+    rh = tl.arange(0, G // 2)
+    rw = tl.arange(0, WPG)
     g_begin = pid_s * groups_per_split
     g_end = tl.minimum(g_begin + groups_per_split, K // G)
-    acc = tl.zeros((BLOCK_N, NG), tl.float32)
-    rh = tl.arange(0, G // 2)
-    xw_ptr = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True)
+    gi = g_begin + rg
+    q_ptrs = q_ptr + rn[:, None, None] * stride_qn + gi[None, :, None] * WPG + rw[None, None, :]
+    s_off = rn[:, None] * stride_sn + gi[None, :]
+    s_ptrs, z_ptrs = s_ptr + s_off, z_ptr + s_off
+    if X_PAIRS:  # bf16 x read as int32 pairs, each half made float32 by one integer op before the values are
+        # spread over the rows (converted by Triton, it was redone for every row a thread holds: 8.3 -> 6.6
+        # instructions per weight in the loop, sm_90 SASS)
+        x_ptrs = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + gi[:, None] * (G // 2) + rh[None, :]
+        X_STEP: tl.constexpr = NG * (G // 2)
+    else:
+        x_ptrs = x_ptr + gi[:, None] * G + re[None, :]
+        X_STEP: tl.constexpr = NG * G
     IP: tl.constexpr = INPLACE and (FMT == SYM_INT4 or FMT == ASYM_INT4 or FMT == SYM_INT8)
+    acc = tl.zeros((BLOCK_N, NG), tl.float32)
     # software pipelining: the next step's words are in flight while this step is decoded
-    w, s, z = load_raw(q_ptr, s_ptr, z_ptr, rn, g_begin + rg, n_mask, g_begin + rg < g_end, stride_qn, stride_sn,
-                       FMT, G, SCALE_MUL)
+    g_mask = gi < g_end
+    m2 = n_mask[:, None] & g_mask[None, :]
+    w, s, z = _load_step(q_ptrs, s_ptrs, z_ptrs, m2[:, :, None], m2, FMT, SCALE_MUL)
     for g0 in range(g_begin, g_end, NG):
-        gi = g0 + rg
-        g_mask = gi < g_end
-        w_next, s_next, z_next = load_raw(q_ptr, s_ptr, z_ptr, rn, gi + NG, n_mask, gi + NG < g_end, stride_qn,
-                                          stride_sn, FMT, G, SCALE_MUL)
+        q_ptrs += NG * WPG
+        s_ptrs += NG
+        z_ptrs += NG
+        if EVEN_G:
+            nxt = n_mask[:, None] & (g0 + NG + rg * 0 < g_end)[None, :]  # the whole next step or none of it
+            w_next, s_next, z_next = _load_step(q_ptrs, s_ptrs, z_ptrs, nxt[:, :, None], nxt, FMT, SCALE_MUL)
+        else:
+            g_next = (g0 + NG + rg) < g_end
+            nxt = n_mask[:, None] & g_next[None, :]
+            w_next, s_next, z_next = _load_step(q_ptrs, s_ptrs, z_ptrs, nxt[:, :, None], nxt, FMT, SCALE_MUL)
         if IP:
             v = decode_inplace(w, FMT, G, BLOCK_N, NG, magic)
         else:
             v = decode(w, lut_ptr, FMT, G, BLOCK_N, NG)
-        if X_PAIRS:  # bf16 x read as int32 pairs, each half made float32 by one integer op before the values are
-            # spread over the rows (converted by Triton, it was redone for every row a thread holds: 8.3 -> 6.6
-            # instructions per weight in the loop, sm_90 SASS)
-            p = tl.load(xw_ptr + gi[:, None] * (G // 2) + rh[None, :], mask=g_mask[:, None], other=0)
-            x = tl.reshape(tl.join((p << 16).to(tl.float32, bitcast=True),
-                                   (p & -65536).to(tl.float32, bitcast=True)), (NG, G))
+        if EVEN_G:
+            xr = tl.load(x_ptrs)
         else:
-            x = tl.load(x_ptr + gi[:, None] * G + re[None, :], mask=g_mask[:, None], other=0.0).to(tl.float32)
+            xr = tl.load(x_ptrs, mask=((g0 + rg) < g_end)[:, None], other=0)
+        if X_PAIRS:
+            x = tl.reshape(tl.join((xr << 16).to(tl.float32, bitcast=True),
+                                   (xr & -65536).to(tl.float32, bitcast=True)), (NG, G))
+        else:
+            x = xr.to(tl.float32)
+        x_ptrs += X_STEP
         acc += tl.sum(v * x[None, :, :], axis=2) * s  # [BN, NG]: the group's dot product, then its scale
         if FMT == ASYM_INT4:  # w = c * s + min: the min multiplies the group's sum of x
             acc += tl.sum(x, axis=1)[None, :] * z
         w, s, z = w_next, s_next, z_next
     y = tl.sum(acc, axis=1)
-    tl.store(out_ptr + pid_s * stride_os + rn, cast(y, out_ptr.dtype.element_ty, SOFT_BF16), mask=n_mask)
+    tl.store(out_ptr + pid_s * stride_os + rn, cast(y, out_ptr.dtype.element_ty, SOFT_BF16), mask=rn < N)
 
 
 @triton.jit
@@ -131,6 +172,7 @@ def gemv(x2d: Tensor, args: dict, cfg: GemvConfig, out: Tensor, partial: Tensor 
                        args["s"].stride(0), n, per, _MAGIC.value, FMT=args["fmt_id"], G=g,
                        SCALE_MUL=args["scale_mul"], SOFT_BF16=soft_bf16(), BLOCK_N=cfg.block_n, NG=cfg.ng,
                        INPLACE=INPLACE, X_PAIRS=x2d.dtype == torch.bfloat16 and x2d.data_ptr() % 4 == 0,
+                       EVEN_N=n % cfg.block_n == 0, EVEN_G=per % cfg.ng == 0 and (k // g) % cfg.ng == 0,
                        num_warps=cfg.warps)
     if split > 1:
         reduce_splits(partial, out)
