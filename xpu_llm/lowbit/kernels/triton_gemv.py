@@ -9,8 +9,8 @@ the activation dtype first, as the reference path does). Partial sums of a split
 The kernel is bound by instructions per weight, not by bytes (int4 and int8 reach the same weights per second),
 so the loop is kept lean: sym/asym int4 and sym_int8 decode in place (one logic op and one FMA a value), bf16
 activations are widened as int32 pairs before they are spread over the rows, pointers advance by constants and
-the masks vanish when the shape divides the tile (6.2 SASS instructions per weight for 16 rows x 16 groups on
-sm_90, from 9.1)."""
+the masks vanish when the shape divides the tile (sym_int4: 4.6 SASS instructions per weight in the loop on
+sm_90, from 7.2)."""
 from __future__ import annotations
 
 import functools
@@ -24,8 +24,8 @@ from torch import Tensor
 from .triton_common import ASYM_INT4, SYM_INT4, SYM_INT8, _MAGIC, cast, decode, decode_inplace
 
 
-# Decode sym/asym int4 and sym_int8 with their fields in place (triton_common.decode_inplace: one instruction per
-# weight fewer in the loop, sm_90 SASS); the results are the same bits either way.
+# Decode sym/asym int4 and sym_int8 with their fields in place (triton_common.decode_inplace: fewer instructions
+# per weight in the loop); the results are the same bits either way.
 INPLACE = True
 
 
@@ -79,8 +79,7 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, N, K, stride_qn, 
     s_off = rn[:, None] * stride_sn + gi[None, :]
     s_ptrs, z_ptrs = s_ptr + s_off, z_ptr + s_off
     if X_PAIRS:  # bf16 x read as int32 pairs, each half made float32 by one integer op before the values are
-        # spread over the rows (converted by Triton, it was redone for every row a thread holds: 8.3 -> 6.6
-        # instructions per weight in the loop, sm_90 SASS)
+        # spread over the rows (converted by Triton, it was redone for every row a thread holds)
         x_ptrs = x_ptr.to(tl.pointer_type(tl.int32), bitcast=True) + gi[:, None] * (G // 2) + rh[None, :]
         X_STEP: tl.constexpr = NG * (G // 2)
     else:
