@@ -96,12 +96,11 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, N, K, stride_qn, 
         s_ptrs += NG
         z_ptrs += NG
         if EVEN_G:
-            nxt = n_mask[:, None] & (g0 + NG + rg * 0 < g_end)[None, :]  # the whole next step or none of it
-            w_next, s_next, z_next = _load_step(q_ptrs, s_ptrs, z_ptrs, nxt[:, :, None], nxt, FMT, SCALE_MUL)
+            g_next = g0 + NG + rg * 0 < g_end  # the whole next step or none of it: one scalar test
         else:
-            g_next = (g0 + NG + rg) < g_end
-            nxt = n_mask[:, None] & g_next[None, :]
-            w_next, s_next, z_next = _load_step(q_ptrs, s_ptrs, z_ptrs, nxt[:, :, None], nxt, FMT, SCALE_MUL)
+            g_next = g0 + NG + rg < g_end
+        nxt = n_mask[:, None] & g_next[None, :]
+        w_next, s_next, z_next = _load_step(q_ptrs, s_ptrs, z_ptrs, nxt[:, :, None], nxt, FMT, SCALE_MUL)
         if IP:
             v = decode_inplace(w, FMT, G, BLOCK_N, NG, magic)
         else:
