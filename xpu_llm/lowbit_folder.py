@@ -18,8 +18,8 @@ from .lowbit.embedding import LowBitEmbedding
 from .lowbit.linear import LowBitLinear
 from .loading import meta_model
 from .model import Transformer
+from .sources import MANIFEST
 
-MANIFEST = "xpu_llm.json"
 WEIGHTS = "model.safetensors"
 FORMAT_TAG = "xpu-llm-lowbit"
 VERSION = 1

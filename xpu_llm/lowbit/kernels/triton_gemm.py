@@ -15,8 +15,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_common import ASYM_INT4, cast, load_tile
-from .triton_gemv import groups_per_split, reduce_splits, soft_bf16
+from . import triton_gemv
+from .triton_common import _MAGIC, ASYM_INT4, SYM_INT4, SYM_INT8, cast, decode, decode_inplace, load_tile
+from .triton_gemv import _load_step, groups_per_split, reduce_splits, soft_bf16
 
 
 @dataclass(frozen=True)
@@ -34,10 +35,13 @@ class DotConfig:
 
 @triton.jit
 def _dot_kernel(x_ptr, q_ptr, s_ptr, z_ptr, lut_ptr, out_ptr,
-                M, N, K, stride_xm, stride_qn, stride_sn, stride_om, stride_os, groups_per_split,
+                M, N, K, stride_xm, stride_qn, stride_sn, stride_om, stride_os, groups_per_split, magic,
                 FMT: tl.constexpr, G: tl.constexpr, SCALE_MUL: tl.constexpr, SOFT_BF16: tl.constexpr,
-                DOT_F32: tl.constexpr,
+                DOT_F32: tl.constexpr, INPLACE: tl.constexpr, EVEN_N: tl.constexpr, EVEN_G: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, NG: tl.constexpr, GROUP_M: tl.constexpr):
+    """EVEN_N / EVEN_G as in the GEMV: N divides into BLOCK_N, every K step is whole; the weight loads then need no
+    masks. Pointers advance by constants per K step."""
+    WPG: tl.constexpr = G // 8 if FMT < SYM_INT8 else G // 4  # code words per group and row
     pid = tl.program_id(0)
     pid_s = tl.program_id(1)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -51,41 +55,59 @@ def _dot_kernel(x_ptr, q_ptr, s_ptr, z_ptr, lut_ptr, out_ptr,
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     m_mask = rm < M
     n_mask = rn < N
+    if EVEN_N:
+        n_mask = rn == rn  # all true, folded by the compiler
     rg = tl.arange(0, NG)
     rk = tl.arange(0, NG * G)
     g_begin = pid_s * groups_per_split
     g_end = tl.minimum(g_begin + groups_per_split, K // G)
+    gi = g_begin + rg
+    q_ptrs = q_ptr + rn[:, None, None] * stride_qn + gi[None, :, None] * WPG + tl.arange(0, WPG)[None, None, :]
+    s_off = rn[:, None] * stride_sn + gi[None, :]
+    s_ptrs, z_ptrs = s_ptr + s_off, z_ptr + s_off
+    x_ptrs = x_ptr + rm[None, :] * stride_xm + (g_begin * G + rk)[:, None]  # [BK, BM]: x transposed
     acc = tl.zeros((BLOCK_N, BLOCK_M), tl.float32)
     for g0 in range(g_begin, g_end, NG):
-        gi = g0 + rg
-        v, s, z = load_tile(q_ptr, s_ptr, z_ptr, lut_ptr, rn, gi, n_mask, gi < g_end, stride_qn, stride_sn,
-                            FMT, G, SCALE_MUL, BLOCK_N, NG)
+        if EVEN_G:
+            g_mask = rg == rg
+            k_mask = rk == rk
+        else:
+            g_mask = g0 + rg < g_end
+            k_mask = g0 * G + rk < g_end * G
+        m2 = n_mask[:, None] & g_mask[None, :]
+        w, s, z = _load_step(q_ptrs, s_ptrs, z_ptrs, m2[:, :, None], m2, FMT, SCALE_MUL)
+        if INPLACE and (FMT == SYM_INT4 or FMT == ASYM_INT4 or FMT == SYM_INT8):
+            v = decode_inplace(w, FMT, G, BLOCK_N, NG, magic)
+        else:
+            v = decode(w, lut_ptr, FMT, G, BLOCK_N, NG)
         if FMT == ASYM_INT4:
             w = v * s[:, :, None] + z[:, :, None]
         else:
             w = v * s[:, :, None]
         w = tl.reshape(w, (BLOCK_N, NG * G))
-        k = g0 * G + rk
-        xt = tl.load(x_ptr + rm[None, :] * stride_xm + k[:, None],
-                     mask=m_mask[None, :] & (k < g_end * G)[:, None], other=0.0)  # [BK, BM]
+        xt = tl.load(x_ptrs, mask=m_mask[None, :] & k_mask[:, None], other=0.0)
         if DOT_F32:  # float32 activations, or bf16 under the interpreter (whose bf16 dot is not implemented)
             acc = tl.dot(cast(w, xt.dtype, SOFT_BF16).to(tl.float32), xt.to(tl.float32), acc, input_precision="ieee")
         else:
             acc = tl.dot(w.to(xt.dtype), xt, acc)
+        q_ptrs += NG * WPG
+        s_ptrs += NG
+        z_ptrs += NG
+        x_ptrs += NG * G
     out = out_ptr + pid_s * stride_os + rm[None, :] * stride_om + rn[:, None]
     tl.store(out, cast(acc, out_ptr.dtype.element_ty, SOFT_BF16), mask=n_mask[:, None] & m_mask[None, :])
 
 
 @triton.jit
-def _dequant_kernel(q_ptr, s_ptr, z_ptr, lut_ptr, w_ptr, N, K, stride_qn, stride_sn, stride_wn,
+def _dequant_kernel(q_ptr, s_ptr, z_ptr, lut_ptr, w_ptr, N, K, stride_qn, stride_sn, stride_wn, magic,
                     FMT: tl.constexpr, G: tl.constexpr, SCALE_MUL: tl.constexpr, SOFT_BF16: tl.constexpr,
-                    BLOCK_N: tl.constexpr, NG: tl.constexpr):
+                    BLOCK_N: tl.constexpr, NG: tl.constexpr, INPLACE: tl.constexpr):
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     gi = tl.program_id(1) * NG + tl.arange(0, NG)
     n_mask = rn < N
     g_mask = gi < K // G
-    v, s, z = load_tile(q_ptr, s_ptr, z_ptr, lut_ptr, rn, gi, n_mask, g_mask, stride_qn, stride_sn,
-                        FMT, G, SCALE_MUL, BLOCK_N, NG)
+    v, s, z = load_tile(q_ptr, s_ptr, z_ptr, lut_ptr, rn, gi, n_mask, g_mask, stride_qn, stride_sn, magic,
+                        FMT, G, SCALE_MUL, BLOCK_N, NG, INPLACE)
     if FMT == ASYM_INT4:
         w = v * s[:, :, None] + z[:, :, None]
     else:
@@ -113,7 +135,9 @@ def dot(x2d: Tensor, args: dict, cfg: DotConfig, out: Tensor, partial: Tensor | 
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
     _dot_kernel[grid](x2d, args["q"], args["s"], args["z"], args["lut"], dest,
                       m, n, k, x2d.stride(0), args["q"].stride(0), args["s"].stride(0), n, stride_s, per,
-                      FMT=args["fmt_id"], G=g, SCALE_MUL=args["scale_mul"], SOFT_BF16=soft_bf16(), DOT_F32=dot_f32,
+                      _MAGIC.value, FMT=args["fmt_id"], G=g, SCALE_MUL=args["scale_mul"], SOFT_BF16=soft_bf16(),
+                      DOT_F32=dot_f32, INPLACE=triton_gemv.INPLACE, EVEN_N=n % cfg.block_n == 0,
+                      EVEN_G=per % cfg.ng == 0 and (k // g) % cfg.ng == 0,
                       BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NG=cfg.ng, GROUP_M=cfg.group_m,
                       num_warps=cfg.warps, num_stages=cfg.stages)
     if split > 1:
@@ -146,8 +170,7 @@ def dequantize(args: dict, out: Tensor, block_n: int = 32, ng: int = 4) -> Tenso
     ng = max(1, min(ng, triton.next_power_of_2(k // g)))
     grid = (triton.cdiv(n, block_n), triton.cdiv(k // g, ng))
     _dequant_kernel[grid](args["q"], args["s"], args["z"], args["lut"], out, n, k,
-                          args["q"].stride(0), args["s"].stride(0), out.stride(0),
+                          args["q"].stride(0), args["s"].stride(0), out.stride(0), _MAGIC.value,
                           FMT=args["fmt_id"], G=g, SCALE_MUL=args["scale_mul"], SOFT_BF16=soft_bf16(),
-                          BLOCK_N=block_n, NG=ng,
-                          num_warps=4)
+                          BLOCK_N=block_n, NG=ng, INPLACE=triton_gemv.INPLACE, num_warps=4)
     return out
