@@ -22,12 +22,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import _git, write_atomic  # noqa: E402
 
-FORMATS = ("sym_int4", "asym_int4", "nf4", "fp4", "sym_int8", "fp8_e4m3", "fp8_e5m2")
+FORMATS = ("sym_int4", "asym_int4", "nf4", "nf4 (pairs)", "fp4", "sym_int8", "fp8_e4m3", "fp8_e5m2")
 CONFIGS = ((16, 8, 4), (16, 16, 4), (16, 4, 2), (8, 16, 4))  # (rows, groups per step, warps): the tuner's usual picks
 
 
-def compile_sass(fmt: str, group: int, rows: int, groups: int, warps: int, arch: int) -> str:
-    """SASS text of the GEMV for bf16 activations and `fmt`, as a launch on `arch` specialises it."""
+def compile_sass(fmt: str, group: int, rows: int, groups: int, warps: int, arch: int, pairs: bool = False) -> str:
+    """SASS text of the GEMV for bf16 activations and `fmt`, as a launch on `arch` specialises it (pairs: nf4 through
+    the 256-entry pair table)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -37,10 +38,11 @@ def compile_sass(fmt: str, group: int, rows: int, groups: int, warps: int, arch:
 
     kernel = tg._gemv_kernel
     scale = "*fp32" if fmt.startswith("fp8") else "*fp16"
-    pointers = {"x_ptr": "*bf16", "q_ptr": "*i32", "s_ptr": scale, "z_ptr": scale, "lut_ptr": "*fp32",
-                "out_ptr": "*bf16"}
+    pointers = {"x_ptr": "*bf16", "q_ptr": "*i32", "s_ptr": scale, "z_ptr": scale,
+                "lut_ptr": "*i64" if pairs else "*fp32", "out_ptr": "*bf16"}
     const = {"FMT": FORMAT_IDS[fmt], "G": group, "SCALE_MUL": SCALE_MUL.get(fmt, 1.0), "SOFT_BF16": False,
-             "BLOCK_N": rows, "NG": groups, "INPLACE": tg.INPLACE, "X_PAIRS": True, "EVEN_N": True, "EVEN_G": True}
+             "BLOCK_N": rows, "NG": groups, "INPLACE": tg.INPLACE, "X_PAIRS": True, "EVEN_N": True, "EVEN_G": True,
+             "NF4_PAIRS": pairs}
     names = kernel.arg_names
     sig = {n: "constexpr" if n in const else pointers.get(n, "i32") for n in names}
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names) if n not in const}
@@ -70,7 +72,8 @@ def loop_body(sass: str) -> list[str]:
 
 
 def count(fmt: str, group: int, rows: int, groups: int, warps: int, arch: int) -> dict:
-    body = loop_body(compile_sass(fmt, group, rows, groups, warps, arch))
+    pairs = fmt == "nf4 (pairs)"
+    body = loop_body(compile_sass("nf4" if pairs else fmt, group, rows, groups, warps, arch, pairs))
     weights_per_thread = rows * groups * group / (warps * 32)
     ops = collections.Counter(re.sub(r"^@!?U?P\w+\s+", "", b).split()[0].split(".")[0] for b in body)
     return {"format": fmt, "group": group, "rows": rows, "groups_per_step": groups, "warps": warps,

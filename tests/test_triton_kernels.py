@@ -146,6 +146,18 @@ def test_gemv_inplace_decode_same_bits(name, monkeypatch):
 
 
 @here
+def test_gemv_nf4_pair_table_same_bits():
+    """nf4 decoded a byte per read of the 256-entry pair table gives the same GEMV bits as a nibble per read of the
+    16-entry table (the tuner may pick either)."""
+    fmt, q, args = _weight("nf4", 64)
+    x = _x(1, GROUPS * 64)
+    outs = [tgemv.gemv(x, args, GemvConfig(16, 2, 2, 1, pairs=p), _nan(1, N_OUT, dtype=torch.float32))
+            for p in (False, True)]
+    assert torch.equal(outs[0], outs[1]), "the nf4 pair table changed the GEMV's result"
+    _check(outs[1], x, fmt.dequantize(q, 64, torch.float32))
+
+
+@here
 @pytest.mark.parametrize("name", LOW_BIT_NAMES)
 def test_dot_skinny_and_prefill(name):
     g = 64

@@ -79,7 +79,7 @@ def _dot_kernel(x_ptr, q_ptr, s_ptr, z_ptr, lut_ptr, out_ptr,
         if INPLACE and (FMT == SYM_INT4 or FMT == ASYM_INT4 or FMT == SYM_INT8):
             v = decode_inplace(w, FMT, G, BLOCK_N, NG, magic)
         else:
-            v = decode(w, lut_ptr, FMT, G, BLOCK_N, NG)
+            v = decode(w, lut_ptr, FMT, G, BLOCK_N, NG, False)
         if FMT == ASYM_INT4:
             w = v * s[:, :, None] + z[:, :, None]
         else:

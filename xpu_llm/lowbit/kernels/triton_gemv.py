@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_common import ASYM_INT4, SYM_INT4, SYM_INT8, _MAGIC, cast, decode, decode_inplace
+from .triton_common import ASYM_INT4, NF4, SYM_INT4, SYM_INT8, _MAGIC, cast, decode, decode_inplace
 
 
 # Decode sym/asym int4 and sym_int8 with their fields in place (triton_common.decode_inplace: fewer instructions
@@ -31,12 +31,14 @@ INPLACE = True
 
 @dataclass(frozen=True)
 class GemvConfig:
-    """BLOCK_N output rows per program, NG groups per K step, warps, and how many K splits."""
+    """BLOCK_N output rows per program, NG groups per K step, warps, how many K splits; nf4: decode a byte per
+    read of the 256-entry pair table instead of a nibble per read of the 16-entry one."""
 
     block_n: int
     ng: int
     warps: int
     split: int = 1
+    pairs: bool = False
 
 
 @triton.jit
@@ -57,7 +59,7 @@ def _load_step(q_ptrs, s_ptrs, z_ptrs, mask3, mask2, FMT: tl.constexpr, SCALE_MU
 def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, N, K, stride_qn, stride_sn, stride_os,
                  groups_per_split, magic, FMT: tl.constexpr, G: tl.constexpr, SCALE_MUL: tl.constexpr,
                  SOFT_BF16: tl.constexpr, BLOCK_N: tl.constexpr, NG: tl.constexpr, INPLACE: tl.constexpr,
-                 X_PAIRS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_G: tl.constexpr):
+                 X_PAIRS: tl.constexpr, EVEN_N: tl.constexpr, EVEN_G: tl.constexpr, NF4_PAIRS: tl.constexpr):
     """EVEN_N: N is a multiple of BLOCK_N; EVEN_G: every K step is whole (groups_per_split and K // G are multiples
     of NG). Then the loads need no per-element masks, only the prefetch past the end is cut (one scalar test);
     pointers advance by a constant per step, so the loop spends its instructions on the weights."""
@@ -104,7 +106,7 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, N, K, stride_qn, 
         if IP:
             v = decode_inplace(w, FMT, G, BLOCK_N, NG, magic)
         else:
-            v = decode(w, lut_ptr, FMT, G, BLOCK_N, NG)
+            v = decode(w, lut_ptr, FMT, G, BLOCK_N, NG, NF4_PAIRS)
         if EVEN_G:
             xr = tl.load(x_ptrs)
         else:
@@ -172,12 +174,14 @@ def gemv(x2d: Tensor, args: dict, cfg: GemvConfig, out: Tensor, partial: Tensor 
     else:
         dest = out
     grid = (triton.cdiv(n, cfg.block_n), split)
-    _gemv_kernel[grid](x2d, args["q"], args["s"], args["z"], args["lut"], dest, n, k, args["q"].stride(0),
-                       args["s"].stride(0), n, per, _MAGIC.value, FMT=args["fmt_id"], G=g,
+    pairs = cfg.pairs and args["fmt_id"] == NF4
+    lut = args["lut2"] if pairs else args["lut"]
+    _gemv_kernel[grid](x2d, args["q"], args["s"], args["z"], lut, dest, n, k, args["q"].stride(0), args["s"].stride(0),
+                       n, per, _MAGIC.value, FMT=args["fmt_id"], G=g,
                        SCALE_MUL=args["scale_mul"], SOFT_BF16=soft_bf16(), BLOCK_N=cfg.block_n, NG=cfg.ng,
                        INPLACE=INPLACE, X_PAIRS=x2d.dtype == torch.bfloat16 and x2d.data_ptr() % 4 == 0,
                        EVEN_N=n % cfg.block_n == 0, EVEN_G=per % cfg.ng == 0 and (k // g) % cfg.ng == 0,
-                       num_warps=cfg.warps)
+                       NF4_PAIRS=pairs, num_warps=cfg.warps)
     if split > 1:
         reduce_splits(partial, out)
     return out

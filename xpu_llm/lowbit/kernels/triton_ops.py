@@ -45,14 +45,25 @@ def _nf4_table(device: torch.device) -> Tensor:
     return torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
 
 
+@functools.lru_cache(maxsize=16)
+def nf4_pair_table(device: torch.device) -> Tensor:
+    """[256] int64: entry b = the float32 bits of NF4[b & 15] in the low half, of NF4[b >> 4] in the high half, so
+    the kernels decode a byte (two NF4 codes) with one 64-bit table read."""
+    bits = torch.tensor(NF4_CODE, dtype=torch.float32).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    b = torch.arange(256)
+    return (bits[b & 15] | (bits[b >> 4] << 32)).to(device)
+
+
 def format_args(low_bit: str, qweight: Tensor, scales: Tensor, mins: Tensor | None, n: int, group_size: int) -> dict:
     """Kernel arguments for one weight: raw bytes of the codes (fp8/int8 viewed as uint8), scales, mins, table."""
     src = scales
     qweight, scales = qweight.contiguous(), scales.contiguous()
     mins = mins.contiguous() if mins is not None else scales  # any valid pointer when unused
     q = qweight.view(torch.uint8).view(torch.int32)  # 32-bit words: 8 nibbles or 4 bytes, little-endian
-    lut = _nf4_table(q.device) if low_bit == "nf4" else scales
-    return {"q": q, "s": scales, "z": mins, "lut": lut, "n": n, "group_size": group_size, "src": src,
+    nf4 = low_bit == "nf4"
+    lut = _nf4_table(q.device) if nf4 else scales
+    lut2 = nf4_pair_table(q.device) if nf4 else scales
+    return {"q": q, "s": scales, "z": mins, "lut": lut, "lut2": lut2, "n": n, "group_size": group_size, "src": src,
             "fmt_id": FORMAT_IDS[low_bit], "scale_mul": SCALE_MUL.get(low_bit, 1.0)}
 
 
@@ -104,7 +115,8 @@ def dequantize(low_bit: str, q: State, n: int, k: int, group_size: int, dtype: t
 def _compiled_mm(x2d: Tensor, q: Tensor, s: Tensor, z: Tensor, lut: Tensor, n: int, group_size: int, fmt_id: int,
                  scale_mul: float) -> Tensor:
     """matmul as an opaque custom op, so that torch.compile keeps the call in its graph instead of tracing it."""
-    args = {"q": q, "s": s, "z": z, "lut": lut, "n": n, "group_size": group_size, "fmt_id": fmt_id,
+    lut2 = nf4_pair_table(q.device) if fmt_id == FORMAT_IDS["nf4"] else lut
+    args = {"q": q, "s": s, "z": z, "lut": lut, "lut2": lut2, "n": n, "group_size": group_size, "fmt_id": fmt_id,
             "scale_mul": scale_mul, "src": s}
     return matmul(x2d, args)
 

@@ -20,12 +20,13 @@ import triton
 from torch import Tensor
 
 from ...device import device_module
+from .triton_common import FORMAT_IDS
 from .triton_gemm import DEQUANT, DotConfig
 from .triton_gemv import GemvConfig
 
 log = logging.getLogger(__name__)
 
-_VERSION = 3  # bump when the candidate lists or kernels change, so stale cache entries are ignored
+_VERSION = 4  # bump when the candidate lists or kernels change, so stale cache entries are ignored
 _lock = threading.Lock()
 _memory: dict[str, dict] = {}
 _disk_loaded = False
@@ -207,6 +208,9 @@ def gemv_candidates(x: Tensor, args: dict) -> list[GemvConfig]:
         out.append(GemvConfig(block_n, ng, warps, split))
         if split > 1:
             out.append(GemvConfig(block_n, ng, warps, max(1, split // 4)))
+    if args["fmt_id"] == FORMAT_IDS["nf4"]:  # the first tiles also with the pair table (fewer instructions, more
+        # cache lines per read: not timed on a GPU yet, so the tuner decides)
+        out += [GemvConfig(c.block_n, c.ng, c.warps, c.split, pairs=True) for c in out[:4]]
     return list(dict.fromkeys(out))
 
 
