@@ -72,6 +72,14 @@ def _nibble_plane(w, SHIFT: tl.constexpr, lut_ptr, FMT: tl.constexpr):
 
 
 @triton.jit
+def _fp4_pair(w):
+    """FP4 (E2M1) codes in bits 0..3 and 16..19 of every word -> their two float32 values (times 2**-14, which the
+    scale carries): both placed into float16 fields by the same three integer ops."""
+    bits = ((w & 0x00070007) << 9) | ((w & 0x00080008) << 12)
+    return tl.join(_f16_bits(bits), _f16_bits(bits >> 16))
+
+
+@triton.jit
 def _nf4_byte(w, SHIFT: tl.constexpr, lut_ptr):
     """Byte SHIFT/8 of every word -> the NF4 values of its (low, high) nibble, from one 64-bit load of the 256-entry
     pair table (triton_ops.nf4_pair_table: entry b holds the float32 bits of NF4[b & 15] low, NF4[b >> 4] high):
@@ -167,6 +175,16 @@ def decode(w, lut_ptr, FMT: tl.constexpr, G: tl.constexpr, BN: tl.constexpr, NG:
         lo2, hi2 = _nf4_byte(w, 16, lut_ptr)
         lo3, hi3 = _nf4_byte(w, 24, lut_ptr)
         v = tl.join(tl.join(tl.join(lo0, lo2), tl.join(lo1, lo3)), tl.join(tl.join(hi0, hi2), tl.join(hi1, hi3)))
+    elif FMT == FP4:  # nibbles i and i + 4 (bits 4i, 4i + 16) in the two float16 halves of one word: one pass
+        v = tl.join(tl.join(_fp4_pair(w), _fp4_pair(w >> 8)), tl.join(_fp4_pair(w >> 4), _fp4_pair(w >> 12)))
+    elif FMT == FP8_E4M3 or FMT == FP8_E5M2:  # bytes 0, 2 and 1, 3 as float16 pairs, two values per integer pass
+        if FMT == FP8_E4M3:  # sign to bit 15, the 4+3 bits to float16's 5+10 below it (the value / 2**8)
+            even = ((w << 8) & 0x80008000) | ((w << 7) & 0x3F803F80)
+            odd = (w & 0x80008000) | ((w >> 1) & 0x3F803F80)
+        else:  # FP8_E5M2 is the high byte of a float16
+            even = (w << 8) & 0xFF00FF00
+            odd = w & 0xFF00FF00
+        v = tl.join(tl.join(_f16_bits(even), _f16_bits(even >> 16)), tl.join(_f16_bits(odd), _f16_bits(odd >> 16)))
     elif FMT < SYM_INT8:  # element 2j of a byte is its low nibble, so nibble i of a word is element i
         v = tl.join(tl.join(tl.join(_nibble_plane(w, 0, lut_ptr, FMT), _nibble_plane(w, 16, lut_ptr, FMT)),
                             tl.join(_nibble_plane(w, 8, lut_ptr, FMT), _nibble_plane(w, 24, lut_ptr, FMT))),
