@@ -118,7 +118,9 @@ def test_gemv(name, g):
     fmt, q, args = _weight(name, g)
     w32 = fmt.dequantize(q, g, torch.float32)
     x = _x(1, GROUPS * g)
-    cfgs = (GemvConfig(32, 2, 4, 1), GemvConfig(16, 1, 2, 3)) if g == 64 else (GemvConfig(16, 2, 2, 2),)
+    # the last g64 config divides N and K: the kernel's unmasked (EVEN_N, EVEN_G) path
+    cfgs = (GemvConfig(32, 2, 4, 1), GemvConfig(16, 1, 2, 3), GemvConfig(8, 1, 2, 1)) if g == 64 else \
+        (GemvConfig(16, 2, 2, 2),)
     for cfg in cfgs:  # split-K > 1: a NaN workspace that every program must rewrite
         split = tgemv.groups_per_split(GROUPS, cfg.ng, cfg.split)[1]
         out = tgemv.gemv(x, args, cfg, _nan(1, N_OUT, dtype=x.dtype), partial=_nan(split, 1, N_OUT, dtype=torch.float32))
@@ -172,6 +174,11 @@ def test_dot_skinny_and_prefill(name):
         partial = _nan(split, m, N_OUT, dtype=torch.float32) if split > 1 else None
         out = tgemm.dot(x, args, cfg, _nan(m, N_OUT, dtype=x.dtype), partial=partial, dot_f32=dot_f32)
         _check(out, x, w_act)
+    # N a multiple of the tile and whole K steps: the unmasked (EVEN_N, EVEN_G) path
+    fmt, q, args = _weight(name, g, n=64)
+    x = _x(5, GROUPS * g)
+    out = tgemm.dot(x, args, DotConfig(16, 32, 1, 4, 2), _nan(5, 64, dtype=x.dtype), dot_f32=dot_f32)
+    _check(out, x, fmt.dequantize(q, g, torch.bfloat16))
 
 
 @here

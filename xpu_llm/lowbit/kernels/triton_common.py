@@ -197,14 +197,22 @@ def decode(w, lut_ptr, FMT: tl.constexpr, G: tl.constexpr, BN: tl.constexpr, NG:
 
 
 @triton.jit
+def decode_codes(w, lut_ptr, magic, FMT: tl.constexpr, G: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr,
+                 INPLACE: tl.constexpr, NF4_PAIRS: tl.constexpr):
+    """decode_inplace where the format has it (sym/asym int4, sym_int8) and INPLACE is set, else decode: the same
+    values either way."""
+    if INPLACE and (FMT == SYM_INT4 or FMT == ASYM_INT4 or FMT == SYM_INT8):
+        v = decode_inplace(w, FMT, G, BN, NG, magic)
+    else:
+        v = decode(w, lut_ptr, FMT, G, BN, NG, NF4_PAIRS)
+    return v
+
+
+@triton.jit
 def load_tile(q_ptr, s_ptr, z_ptr, lut_ptr, rn, gi, n_mask, g_mask, stride_qn, stride_sn, magic,
               FMT: tl.constexpr, G: tl.constexpr, SCALE_MUL: tl.constexpr, BN: tl.constexpr, NG: tl.constexpr,
               INPLACE: tl.constexpr):
     """load_raw + decode: (values [BN, NG, G] before the scale, scales [BN, NG], mins [BN, NG]). INPLACE: sym/asym
     int4 and sym_int8 through decode_inplace (the same values in fewer instructions; `magic` is _MAGIC)."""
     w, s, z = load_raw(q_ptr, s_ptr, z_ptr, rn, gi, n_mask, g_mask, stride_qn, stride_sn, FMT, G, SCALE_MUL)
-    if INPLACE and (FMT == SYM_INT4 or FMT == ASYM_INT4 or FMT == SYM_INT8):
-        v = decode_inplace(w, FMT, G, BN, NG, magic)
-    else:
-        v = decode(w, lut_ptr, FMT, G, BN, NG, False)
-    return v, s, z
+    return decode_codes(w, lut_ptr, magic, FMT, G, BN, NG, INPLACE, False), s, z

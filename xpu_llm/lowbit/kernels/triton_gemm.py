@@ -16,7 +16,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import triton_gemv
-from .triton_common import _MAGIC, ASYM_INT4, SYM_INT4, SYM_INT8, cast, decode, decode_inplace, load_tile
+from .triton_common import _MAGIC, ASYM_INT4, SYM_INT8, cast, decode_codes, load_tile
 from .triton_gemv import _load_step, groups_per_split, reduce_splits, soft_bf16
 
 
@@ -76,10 +76,7 @@ def _dot_kernel(x_ptr, q_ptr, s_ptr, z_ptr, lut_ptr, out_ptr,
             k_mask = g0 * G + rk < g_end * G
         m2 = n_mask[:, None] & g_mask[None, :]
         w, s, z = _load_step(q_ptrs, s_ptrs, z_ptrs, m2[:, :, None], m2, FMT, SCALE_MUL)
-        if INPLACE and (FMT == SYM_INT4 or FMT == ASYM_INT4 or FMT == SYM_INT8):
-            v = decode_inplace(w, FMT, G, BLOCK_N, NG, magic)
-        else:
-            v = decode(w, lut_ptr, FMT, G, BLOCK_N, NG, False)
+        v = decode_codes(w, lut_ptr, magic, FMT, G, BLOCK_N, NG, INPLACE, False)
         if FMT == ASYM_INT4:
             w = v * s[:, :, None] + z[:, :, None]
         else:

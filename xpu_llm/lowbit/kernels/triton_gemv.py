@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .triton_common import ASYM_INT4, NF4, SYM_INT4, SYM_INT8, _MAGIC, cast, decode, decode_inplace
+from .triton_common import ASYM_INT4, NF4, SYM_INT8, _MAGIC, cast, decode_codes
 
 
 # Decode sym/asym int4 and sym_int8 with their fields in place (triton_common.decode_inplace: fewer instructions
@@ -87,7 +87,6 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, N, K, stride_qn, 
     else:
         x_ptrs = x_ptr + gi[:, None] * G + re[None, :]
         X_STEP: tl.constexpr = NG * G
-    IP: tl.constexpr = INPLACE and (FMT == SYM_INT4 or FMT == ASYM_INT4 or FMT == SYM_INT8)
     acc = tl.zeros((BLOCK_N, NG), tl.float32)
     # software pipelining: the next step's words are in flight while this step is decoded
     g_mask = gi < g_end
@@ -103,10 +102,7 @@ def _gemv_kernel(x_ptr, q_ptr, s_ptr, z_ptr, lut_ptr, out_ptr, N, K, stride_qn, 
             g_next = g0 + NG + rg < g_end
         nxt = n_mask[:, None] & g_next[None, :]
         w_next, s_next, z_next = _load_step(q_ptrs, s_ptrs, z_ptrs, nxt[:, :, None], nxt, FMT, SCALE_MUL)
-        if IP:
-            v = decode_inplace(w, FMT, G, BLOCK_N, NG, magic)
-        else:
-            v = decode(w, lut_ptr, FMT, G, BLOCK_N, NG, NF4_PAIRS)
+        v = decode_codes(w, lut_ptr, magic, FMT, G, BLOCK_N, NG, INPLACE, NF4_PAIRS)
         if EVEN_G:
             xr = tl.load(x_ptrs)
         else:
