@@ -272,7 +272,9 @@ def generate_speculative(model: Transformer, draft, prompts: list[list[int]], pa
         tb = time.perf_counter()
         n, nxt = verify(model, st, prop, params, gen, cfg)
         new = torch.cat([prop.tokens, nxt.view(-1, 1)], 1).scatter_(1, n.view(-1, 1), nxt.view(-1, 1))
-        new_l, n_l, cnt_l = new.tolist(), n.tolist(), prop.counts.tolist()  # (syncs the device)
+        # one device -> host copy per round (it syncs): [new tokens | accepted n | proposed count] per row
+        rows = torch.cat([new, n.view(-1, 1), prop.counts.view(-1, 1).to(new.dtype)], 1).tolist()
+        new_l, n_l, cnt_l = [r[:-2] for r in rows], [r[-2] for r in rows], [r[-1] for r in rows]
         tc = time.perf_counter()
         stats.draft_s += tb - ta
         stats.verify_s += tc - tb
