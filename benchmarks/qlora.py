@@ -1,4 +1,5 @@
 # python benchmarks/qlora.py --out benchmarks/results/qlora_gpu.json      (from the repository root, on a GPU)
+# python benchmarks/qlora.py --shapes llama3-8b --engines xpu-llm --profile    (where a step's GPU time goes)
 """QLoRA training speed and peak memory on random weights of a real model shape, side by side in one run:
 xpu-llm (HF model with LowBitLinear nf4 layers + LoRA through xpu_llm.finetune) and transformers + PEFT +
 bitsandbytes NF4 (when bitsandbytes is installed).
@@ -23,6 +24,9 @@ Engines:
   `peft.prepare_model_for_kbit_training` (which upcasts the non-quantized weights to fp32) and
   `peft.get_peft_model`.
 - `bnb-bf16`: the same without the fp32 upcast (a leaner, faster bitsandbytes baseline).
+- `bnb-bf16-nocast`: `bnb-bf16` with PEFT's input cast to the adapter's float32 turned off on every LoRA layer
+  (`cast_input_dtype_enabled = False`, what `peft.helpers.disable_input_dtype_casting` sets), which xpu-llm's
+  LoRA layers skip under autocast: the same change on the bitsandbytes side, for comparison.
 
 Outputs: JSON (machine, settings, rows) at --out and a markdown table next to it (.md), also printed."""
 from __future__ import annotations
@@ -54,7 +58,7 @@ SHAPES: dict[str, dict[str, Any]] = {
                              tie_word_embeddings=False),
                  seq=64, batch=2),
 }
-ENGINES = ("xpu-llm", "bnb", "bnb-bf16")
+ENGINES = ("xpu-llm", "bnb", "bnb-bf16", "bnb-bf16-nocast")
 GIB = 2**30
 A770_BYTES = 16 * GIB
 
@@ -124,7 +128,13 @@ def build(engine: str, shape: str, args: argparse.Namespace, device):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
         model.enable_input_require_grads()
     cfg = peft.LoraConfig(target_modules="all-linear", task_type="CAUSAL_LM", **lora)
-    return peft.get_peft_model(model, cfg)
+    model = peft.get_peft_model(model, cfg)
+    if engine == "bnb-bf16-nocast":
+        from peft.tuners.tuners_utils import BaseTunerLayer
+        for m in model.modules():
+            if isinstance(m, BaseTunerLayer):
+                m.cast_input_dtype_enabled = False
+    return model
 
 
 def run_child(engine: str, shape: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -168,11 +178,43 @@ def run_child(engine: str, shape: str, args: argparse.Namespace) -> dict[str, An
     synchronize(device)
     dt = time.perf_counter() - t1
     peak = max_memory_allocated(device)
-    return {"engine": engine, "shape": shape, "seq": seq, "batch": batch, "steps": args.steps,
+    extra = {"profile_ms": profile_step(step, device)} if args.profile else {}
+    return {**extra, "engine": engine, "shape": shape, "seq": seq, "batch": batch, "steps": args.steps,
             "tokens_per_s": round(batch * seq * args.steps / dt, 1), "step_s": round(dt / args.steps, 4),
             "peak_gib": round(peak / GIB, 3), "weights_gib": round(weights / GIB, 3),
             "fits_16gib": peak <= A770_BYTES, "loss": round(last, 4), "finite": math.isfinite(last),
             "trainable": sum(p.numel() for p in params), "build_s": round(build_s, 1), "device": describe(device)}
+
+
+# Kernel categories of --profile, first match wins (names of cuBLAS, PyTorch and Triton kernels)
+CATEGORIES = (("gemm", r"gemm|cutlass|nvjet|xmma|splitK"), ("low-bit kernels", r"_dequant_kernel|_dot_kernel|_gemv_kernel"),
+              ("attention", r"flash|fmha|sdpa|attention"), ("dropout", r"dropout|philox|bernoulli|masked_scale"),
+              ("dtype casts and copies", r"copy|CatArray|Memcpy"), ("softmax / loss", r"softmax|nll"),
+              ("reductions", r"reduce_kernel"), ("optimizer", r"multi_tensor"),
+              ("other elementwise", r"elementwise"))
+
+
+def profile_step(step, device) -> dict[str, float]:
+    """Device kernel time of one more step by category (CATEGORIES; the rest is "other"), in ms: where a step's
+    time goes. Empty on a CPU (no device kernels to attribute)."""
+    import re
+
+    from torch.profiler import ProfilerActivity, profile
+
+    from xpu_llm.device import synchronize
+    act = getattr(ProfilerActivity, device.type.upper(), None)
+    if act is None or device.type == "cpu":
+        return {}
+    with profile(activities=[act]) as prof:
+        step()
+        synchronize(device)
+    out: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type.name == "CPU":
+            continue
+        cat = next((c for c, rx in CATEGORIES if re.search(rx, e.name, re.I)), "other")
+        out[cat] = out.get(cat, 0.0) + e.device_time_total / 1e3
+    return {c: round(ms, 1) for c, ms in sorted(out.items(), key=lambda t: -t[1])}
 
 
 # ---------------------------------------------------------------------------------------------- driver
@@ -186,6 +228,8 @@ def _child_cmd(engine: str, shape: str, args: argparse.Namespace) -> list[str]:
             cmd += [flag, str(v)]
     if not args.gradient_checkpointing:
         cmd.append("--no-gradient-checkpointing")
+    if args.profile:
+        cmd.append("--profile")
     return cmd
 
 
@@ -208,6 +252,11 @@ def table(rows: list[dict[str, Any]]) -> str:
         out.append(f"| {r['shape']} | {r['engine']} | {r['seq']} x {r['batch']} | {r['tokens_per_s']:.0f} | "
                    f"{r['step_s']:.3f} | {r['peak_gib']:.2f} | {r['weights_gib']:.2f} | "
                    f"{'yes' if r['fits_16gib'] else 'no'} | loss {r['loss']} |")
+    for r in rows:
+        if r.get("profile_ms"):
+            total = sum(r["profile_ms"].values())
+            out.append(f"\n{r['engine']}, one step's device kernel time: {total:.0f} ms; "
+                       + ", ".join(f"{c} {ms:.0f} ({100 * ms / total:.0f}%)" for c, ms in r["profile_ms"].items()))
     return "\n".join(out)
 
 
@@ -216,7 +265,7 @@ def ratios(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out = {}
     for shape in {r["shape"] for r in rows}:
         ours = next((r for r in rows if r["shape"] == shape and r["engine"] == "xpu-llm" and "error" not in r), None)
-        for ref in ("bnb", "bnb-bf16"):
+        for ref in ENGINES[1:]:
             other = next((r for r in rows if r["shape"] == shape and r["engine"] == ref and "error" not in r), None)
             if ours and other:
                 out[f"{shape}/{ref}"] = {"speedup": round(ours["tokens_per_s"] / other["tokens_per_s"], 3),
@@ -238,6 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--device", default=None, help="default: xpu > cuda > cpu")
+    ap.add_argument("--profile", action="store_true", help="also profile one step: device kernel time by category")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per engine and shape")
     ap.add_argument("--out", default=None, help="JSON path (a .md table is written next to it)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)

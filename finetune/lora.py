@@ -54,6 +54,17 @@ class LowBitLoraLinear(PeftLoraLinear):
         # The adapter lives on the base's device in float32 (no float dtype to copy from a packed weight).
         return layer_device(base_layer), None
 
+    def _cast_input_dtype(self, x: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+        """PEFT casts the input to the adapter's dtype (float32) before dropout and A. Under autocast, A's matmul
+        casts it straight back to the autocast dtype, so an input already in that dtype is left as it is: the
+        same matmul inputs without two copies of x per layer and pass (and their backward), and dropout on
+        half the bytes. Measured on an 8B QLoRA step: those casts were a fifth of the GPU time."""
+        if x is not None and x.is_floating_point():
+            kind = x.device.type
+            if torch.is_autocast_enabled(kind) and x.dtype == torch.get_autocast_dtype(kind):
+                return x
+        return super()._cast_input_dtype(x, dtype)
+
     def resolve_lora_variant(self, *, config: LoraConfig, **kwargs: Any):
         variant = super().resolve_lora_variant(config=config, **kwargs)
         if variant is not None:

@@ -141,6 +141,30 @@ def test_lora_variants_are_refused(tiny_chat_model):
         add_lora(low_bit_model(tiny_chat_model, "nf4"), r=4, target_modules="no_such_proj")
 
 
+def test_autocast_input_skips_peft_float32_cast(tiny_chat_model):
+    """Under bf16 autocast a bf16 input reaches dropout and A as it is (PEFT would copy it to float32, which
+    autocast undoes at once): the same loss and gradients bit for bit as PEFT's own cast, with dropout off."""
+    model = add_lora(low_bit_model(tiny_chat_model, "nf4").to(torch.bfloat16), r=4, lora_alpha=8)
+    randomize_lora(model)
+    layers = [m for m in model.modules() if isinstance(m, LowBitLoraLinear)]
+    x = torch.randn(3, layers[0].in_features, dtype=torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert layers[0]._cast_input_dtype(x, torch.float32) is x
+        assert layers[0]._cast_input_dtype(x.float(), torch.float32).dtype == torch.float32
+    assert layers[0]._cast_input_dtype(x, torch.float32).dtype == torch.float32  # no autocast: PEFT's cast
+
+    def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return loss_and_grads(model)
+
+    ours = run()
+    for m in layers:  # PEFT's own behaviour: cast to the adapter's float32, then autocast casts back
+        m._cast_input_dtype = lambda x, dtype, m=m: peft.tuners.lora.layer.Linear._cast_input_dtype(m, x, dtype)
+    stock = run()
+    assert ours[0] == stock[0]
+    assert all(torch.equal(ours[1][n], stock[1][n]) for n in stock[1]), "the gradients changed"
+
+
 @pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16])
 def test_packed_storage_is_bit_exact_and_trains_identically(tiny_chat_model, storage):
     model = low_bit_model(tiny_chat_model, "nf4")
