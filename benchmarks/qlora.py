@@ -37,6 +37,7 @@ import gc
 import json
 import math
 import os
+import re
 import sys
 import time
 from typing import Any
@@ -187,7 +188,8 @@ def run_child(engine: str, shape: str, args: argparse.Namespace) -> dict[str, An
 
 
 # Kernel categories of --profile, first match wins (names of cuBLAS, PyTorch and Triton kernels)
-CATEGORIES = (("gemm", r"gemm|cutlass|nvjet|xmma|splitK"), ("low-bit kernels", r"_dequant_kernel|_dot_kernel|_gemv_kernel"),
+CATEGORIES = (("gemm", r"gemm|cutlass|nvjet|xmma|splitK"),
+              ("low-bit kernels", r"_dequant_kernel|_dot_kernel|_gemv_kernel"),
               ("attention", r"flash|fmha|sdpa|attention"), ("dropout", r"dropout|philox|bernoulli|masked_scale"),
               ("dtype casts and copies", r"copy|CatArray|Memcpy"), ("softmax / loss", r"softmax|nll"),
               ("reductions", r"reduce_kernel"), ("optimizer", r"multi_tensor"),
@@ -197,8 +199,6 @@ CATEGORIES = (("gemm", r"gemm|cutlass|nvjet|xmma|splitK"), ("low-bit kernels", r
 def profile_step(step, device) -> dict[str, float]:
     """Device kernel time of one more step by category (CATEGORIES; the rest is "other"), in ms: where a step's
     time goes. Empty on a CPU (no device kernels to attribute)."""
-    import re
-
     from torch.profiler import ProfilerActivity, profile
 
     from xpu_llm.device import synchronize

@@ -58,7 +58,7 @@ class LowBitLoraLinear(PeftLoraLinear):
         """PEFT casts the input to the adapter's dtype (float32) before dropout and A. Under autocast, A's matmul
         casts it straight back to the autocast dtype, so an input already in that dtype is left as it is: the
         same matmul inputs without two copies of x per layer and pass (and their backward), and dropout on
-        half the bytes. Measured on an 8B QLoRA step: those casts were a fifth of the GPU time."""
+        half the bytes (an 8B QLoRA step on an H200: 0.61 -> 0.51 s)."""
         if x is not None and x.is_floating_point():
             kind = x.device.type
             if torch.is_autocast_enabled(kind) and x.dtype == torch.get_autocast_dtype(kind):

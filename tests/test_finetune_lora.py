@@ -153,7 +153,7 @@ def test_autocast_input_skips_peft_float32_cast(tiny_chat_model):
         assert layers[0]._cast_input_dtype(x.float(), torch.float32).dtype == torch.float32
     assert layers[0]._cast_input_dtype(x, torch.float32).dtype == torch.float32  # no autocast: PEFT's cast
 
-    def run() -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def run() -> tuple[float, dict[str, torch.Tensor]]:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return loss_and_grads(model)
 
