@@ -65,6 +65,38 @@ class LowBitLoraLinear(PeftLoraLinear):
                 return x
         return super()._cast_input_dtype(x, dtype)
 
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """PEFT's forward, with each plain-LoRA update folded into one GEMM: y = base(x) + scaling * A(dropout(x))
+        @ B^T is `addmm(base(x), h, B^T, alpha=scaling)`, so neither the B product nor `* scaling` is written out
+        as a separate [tokens, out] tensor, in forward or backward. Everything else (merged or disabled
+        adapters, mixed batches, lora_bias, B partitioned by ZeRO-3) takes PEFT's own path."""
+        if args or kwargs or self.disable_adapters or self.merged or not self._fused_ok():
+            return super().forward(x, *args, **kwargs)
+        self._check_forward_args(x)
+        result = self.base_layer(x)
+        dtype, shape = result.dtype, result.shape
+        out = result.reshape(-1, shape[-1])
+        for name in self.active_adapters:
+            if name not in self.lora_A:
+                continue
+            a, b = self.lora_A[name], self.lora_B[name]
+            h = a(self.lora_dropout[name](self._cast_input_dtype(x, a.weight.dtype)))
+            h = h.reshape(-1, h.shape[-1])
+            out = torch.addmm(out if out.dtype == h.dtype else out.to(h.dtype), h, b.weight.t(),
+                              alpha=self.scaling[name])
+        return out.view(shape).to(dtype)
+
+    def _fused_ok(self) -> bool:
+        """True when every active adapter is plain LoRA whose B is an ordinary local weight without a bias."""
+        for name in self.active_adapters:
+            if name not in self.lora_A:
+                continue
+            b = self.lora_B[name]
+            if (name in self.lora_variant or b.bias is not None or hasattr(b.weight, "ds_id")
+                    or type(b) is not nn.Linear):
+                return False
+        return True
+
     def resolve_lora_variant(self, *, config: LoraConfig, **kwargs: Any):
         variant = super().resolve_lora_variant(config=config, **kwargs)
         if variant is not None:
