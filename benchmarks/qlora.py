@@ -17,7 +17,8 @@ engine runs in its own child process (its peak memory is its own; a crash or OOM
 
 Engines:
 - `xpu-llm`: `optimize_model(model, "nf4", 64)` (the untied output head is quantized too, as xpu-llm does),
-  `xpu_llm.finetune.add_lora`; base float weights stay bf16.
+  `fuse_layers` (Triton RMSNorm and SwiGLU, as `xpu_llm.finetune.load_base` applies them),
+  `xpu_llm.finetune.add_lora` (whose LoRA update is one addmm); base float weights stay bf16.
 - `bnb`: the QLoRA recipe of the PEFT/transformers docs: `bnb.nn.Linear4bit` nf4, double quantization, bf16
   compute (what `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
   bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=bfloat16)` builds; the output head stays bf16), then
@@ -115,9 +116,10 @@ def build(engine: str, shape: str, args: argparse.Namespace, device):
     gc_kwargs = {"use_reentrant": False}
     if engine == "xpu-llm":
         import xpu_llm
-        from xpu_llm.finetune import add_lora
+        from xpu_llm.finetune import add_lora, fuse_layers
 
         xpu_llm.optimize_model(model, low_bit=args.low_bit, group_size=args.group_size)
+        fuse_layers(model)
         if args.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
         return add_lora(model, **lora)
@@ -255,7 +257,9 @@ def table(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         if r.get("profile_ms"):
             total = sum(r["profile_ms"].values())
-            out.append(f"\n{r['engine']}, one step's device kernel time: {total:.0f} ms; "
+            out.append(f"\n{r['engine']}, one step's device kernel time: {total:.0f} ms "
+                       f"({100 * total / (1000 * r['step_s']):.0f}% of the timed step; the rest the device waits "
+                       "for the host); "
                        + ", ".join(f"{c} {ms:.0f} ({100 * ms / total:.0f}%)" for c, ms in r["profile_ms"].items()))
     return "\n".join(out)
 

@@ -5,15 +5,17 @@
 
 Pieces: lora.py (PEFT's custom-layer hook for LowBitLinear), storage.py (ZeRO-3-partitionable packed weights),
 data.py (JSONL -> answer-only labels, packing, global batches), train.py (the `accelerate launch` entry),
-checkpoint.py (atomic resumable checkpoints), export.py (adapter -> engine low-bit folder), configs/."""
+checkpoint.py (atomic resumable checkpoints), fused.py + kernels.py (Triton RMSNorm and SwiGLU for training),
+export.py (adapter -> engine low-bit folder), configs/."""
 from __future__ import annotations
 
 __all__ = ["add_lora", "lora_config", "load_adapter", "LowBitLoraLinear", "load_base", "load_tokenizer",
-           "dequantize_linears", "export", "PackedLowBitLinear", "pack_low_bit_layers", "config_path"]
+           "dequantize_linears", "export", "PackedLowBitLinear", "pack_low_bit_layers", "config_path",
+           "fuse_layers"]
 
 _WHERE = {"add_lora": "lora", "lora_config": "lora", "load_adapter": "lora", "LowBitLoraLinear": "lora",
           "load_base": "model", "load_tokenizer": "model", "dequantize_linears": "model", "export": "export",
-          "PackedLowBitLinear": "storage", "pack_low_bit_layers": "storage"}
+          "PackedLowBitLinear": "storage", "pack_low_bit_layers": "storage", "fuse_layers": "fused"}
 
 
 def config_path(name: str) -> str:

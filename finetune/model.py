@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import XpuLLMError
+from .fused import fuse_layers
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +39,11 @@ def load_tokenizer(path: str, chat_template: str | None = None) -> Any:
 
 
 def load_base(path: str, low_bit: str | None = "nf4", group_size: int = 64, dtype: torch.dtype = torch.float32,
-              gradient_checkpointing: bool = True, modules_to_not_convert: list[str] | None = None) -> nn.Module:
+              gradient_checkpointing: bool = True, modules_to_not_convert: list[str] | None = None,
+              fuse: bool = True) -> nn.Module:
     """HF model with frozen low-bit linears (None: dense), every base parameter frozen, KV cache off and,
-    optionally, non-reentrant gradient checkpointing (recompute each decoder layer in backward)."""
+    optionally, non-reentrant gradient checkpointing (recompute each decoder layer in backward) and fused
+    RMSNorms and SwiGLU gates (Triton on GPUs; the same formulas elsewhere, see fused.py)."""
     from ..hf import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, load_in_low_bit=low_bit, group_size=group_size, dtype=dtype,
@@ -49,6 +52,8 @@ def load_base(path: str, low_bit: str | None = "nf4", group_size: int = 64, dtyp
         p.requires_grad_(False)
     model.name_or_path = model.config._name_or_path = path  # PEFT records it as the adapter's base model
     model.config.use_cache = False
+    if fuse:
+        fuse_layers(model)
     if gradient_checkpointing:
         if not getattr(model, "supports_gradient_checkpointing", False):
             raise XpuLLMError(f"{type(model).__name__} does not support gradient checkpointing; "

@@ -11,23 +11,19 @@ as the reference path F.linear(x, dequantize(dtype)) does (reference: weights de
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
+import interpreter  # noqa: E402
 from xpu_llm.device import get_device, is_gpu  # noqa: E402
 from xpu_llm.lowbit.formats import LOW_BIT_NAMES, get_format  # noqa: E402
 
 DEVICE = get_device()
 ON_GPU = is_gpu(DEVICE)
-# Triton reads TRITON_INTERPRET when a kernel is defined, its own library's helpers included, i.e. when triton is
-# first imported, and torch._dynamo (any test that compiles) imports it: so on the CPU these tests run in a child
-# pytest started with TRITON_INTERPRET=1 (test_interpreter_suite below), and are skipped in the parent.
-IN_CHILD = os.environ.get("TRITON_INTERPRET") == "1"
+IN_CHILD = interpreter.IN_CHILD
 RUN_HERE = ON_GPU or IN_CHILD
 here = pytest.mark.skipif(not RUN_HERE, reason="runs in the TRITON_INTERPRET=1 child (test_interpreter_suite)")
 
@@ -35,13 +31,7 @@ here = pytest.mark.skipif(not RUN_HERE, reason="runs in the TRITON_INTERPRET=1 c
 @pytest.mark.skipif(RUN_HERE, reason="kernels run in this process")
 def test_interpreter_suite():
     """The tests of this file on CPU tensors through Triton's interpreter, in a child process."""
-    env = {**os.environ, "TRITON_INTERPRET": "1", "XPU_LLM_TRITON_AUTOTUNE": "0", "OMP_NUM_THREADS": "1"}
-    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", os.path.abspath(__file__)],
-                       cwd=os.path.dirname(os.path.abspath(__file__)), env=env, capture_output=True, text=True,
-                       timeout=900, check=False)
-    tail = (p.stdout + p.stderr)[-6000:]
-    assert p.returncode == 0, f"interpreter run failed:\n{tail}"
-    print(tail.strip().splitlines()[-1])
+    print(interpreter.run_interpreted(__file__))
 
 
 if RUN_HERE:

@@ -1,0 +1,138 @@
+"""Fused training layers swapped into a Hugging Face model from outside (module swap on this model only; no
+transformers class or global is patched). `fuse_layers(model)` replaces
+- Llama-style RMSNorm modules by `FusedRMSNorm` (the same `weight` parameter), and
+- SiLU-gated MLPs (`down(silu(gate(x)) * up(x))`) by `FusedSwiGLUMLP` (the same gate/up/down submodules),
+so state dicts, PEFT targets and ZeRO-3 see the same names. On XPU and CUDA tensors they run the Triton kernels
+of finetune/kernels.py; elsewhere the Hugging Face formula, so a CPU run is unchanged.
+
+Why: an 8B QLoRA step at 4096 tokens runs 65 norms and 32 MLP gates forward, again in recompute, and backward;
+unfused, a norm is about seven elementwise passes over a float32 copy of the activations, a gate five."""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..device import is_gpu
+
+log = logging.getLogger(__name__)
+
+# HF RMSNorm classes with the Llama formula: w * (x * rsqrt(mean(x^2) + eps)).to(x.dtype). Gemma's (1 + w) and
+# OLMo-2's cast-after-multiply differ, so they are not listed (and are left alone).
+LLAMA_STYLE_NORMS = frozenset(("LlamaRMSNorm", "MistralRMSNorm", "MixtralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm",
+                               "Qwen3MoeRMSNorm", "Phi3RMSNorm", "GraniteRMSNorm"))
+# HF MLP classes whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)); fused when act_fn is SiLU.
+GATED_MLPS = frozenset(("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "GraniteMLP"))
+SILU = ("SiLUActivation", "SiLU")
+
+
+def _kernels():
+    """finetune.kernels, or None where Triton is not importable."""
+    try:
+        from . import kernels
+    except ImportError as e:  # CPU-only installs without Triton
+        log.debug("Triton not importable (%s): fused layers run the plain formulas", e)
+        return None
+    return kernels
+
+
+def _use_kernels(x: Tensor) -> bool:
+    """Kernels for GPU tensors, and for CPU tensors when Triton interprets (the tests)."""
+    k = _kernels()
+    return k is not None and (is_gpu(x.device) or x.device.type == "cpu" and k.interpreting())
+
+
+def reference_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """The Hugging Face Llama formula in plain torch."""
+    h = x.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+        x2d = x.reshape(-1, x.shape[-1]).contiguous()
+        y, rstd = _kernels().rms_norm_forward(x2d, weight, eps)
+        ctx.save_for_backward(x2d, weight, rstd)
+        ctx.shape = x.shape
+        return y.view(x.shape)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x2d, weight, rstd = ctx.saved_tensors
+        dy2d = dy.reshape(-1, dy.shape[-1])
+        dx = _kernels().rms_norm_backward(dy2d, x2d, weight, rstd) if ctx.needs_input_grad[0] else None
+        dw = None
+        if ctx.needs_input_grad[1]:  # a trainable norm (modules_to_save): rare, so plain torch
+            xn = (x2d.float() * rstd[:, None]).to(x2d.dtype)
+            dw = (dy2d.float() * xn.float()).sum(0).to(weight.dtype)
+        return (None if dx is None else dx.view(ctx.shape)), dw, None
+
+
+class _SwiGLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, g: Tensor, u: Tensor) -> Tensor:
+        g, u = g.contiguous(), u.contiguous()
+        ctx.save_for_backward(g, u)
+        return _kernels().swiglu_forward(g, u)
+
+    @staticmethod
+    def backward(ctx, dh: Tensor):
+        g, u = ctx.saved_tensors
+        return _kernels().swiglu_backward(dh, g, u)
+
+
+class FusedRMSNorm(nn.Module):
+    """Llama-style RMSNorm: Triton forward and backward on GPU tensors, the HF formula elsewhere."""
+
+    def __init__(self, weight: nn.Parameter, eps: float) -> None:
+        super().__init__()
+        self.weight = weight
+        self.variance_epsilon = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        if _use_kernels(x):
+            return _RMSNormFunction.apply(x, self.weight, self.variance_epsilon)
+        return reference_rms_norm(x, self.weight, self.variance_epsilon)
+
+    def extra_repr(self) -> str:
+        return f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}"
+
+
+class FusedSwiGLUMLP(nn.Module):
+    """down(silu(gate(x)) * up(x)) with the gate fused (Triton on GPU tensors): the same three submodules, so
+    LoRA on gate/up/down and the state dict are unchanged."""
+
+    def __init__(self, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module) -> None:
+        super().__init__()
+        self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
+
+    def forward(self, x: Tensor) -> Tensor:
+        g, u = self.gate_proj(x), self.up_proj(x)
+        h = _SwiGLUFunction.apply(g, u) if _use_kernels(g) else F.silu(g) * u
+        return self.down_proj(h)
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, new)
+
+
+def fuse_layers(model: nn.Module, norms: bool = True, mlps: bool = True) -> dict[str, int]:
+    """Swap the Llama-style RMSNorms and SiLU-gated MLPs under `model` for their fused versions, in place (call
+    it before adding LoRA or after: the linears are kept as they are). Other layers are left alone. Returns
+    how many of each were swapped."""
+    counts = {"norms": 0, "mlps": 0}
+    for name, mod in list(model.named_modules()):
+        kind = type(mod).__name__
+        if norms and kind in LLAMA_STYLE_NORMS and hasattr(mod, "variance_epsilon"):
+            _swap(model, name, FusedRMSNorm(mod.weight, mod.variance_epsilon))
+            counts["norms"] += 1
+        elif mlps and kind in GATED_MLPS and type(getattr(mod, "act_fn", None)).__name__ in SILU:
+            _swap(model, name, FusedSwiGLUMLP(mod.gate_proj, mod.up_proj, mod.down_proj))
+            counts["mlps"] += 1
+    log.info("fused layers: %s", counts)
+    return counts

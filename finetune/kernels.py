@@ -1,0 +1,130 @@
+"""Triton kernels for training, forward and backward, each input read once per pass in float32 registers:
+- RMSNorm, one row per program, with the Llama family's semantics: y = w * cast_x_dtype(x * rsqrt(mean(x^2) +
+  eps)), the output in promote(x dtype, w dtype). Backward treats the cast as identity (as autograd does) and
+  computes dx in float32; dw, for the rare trainable norm, is left to torch by the caller.
+- SwiGLU, h = silu(g) * u elementwise, rounded once (Hugging Face rounds silu(g), then the product).
+Portable Triton only: the same source runs on NVIDIA and Intel GPUs, and on CPU tensors under TRITON_INTERPRET=1
+(the tests)."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..lowbit.kernels.triton_common import cast
+
+MAX_COLS = 65536  # one row per program, held in registers
+
+
+@triton.jit
+def _rms_norm_fwd(x_ptr, w_ptr, y_ptr, rstd_ptr, n_cols, eps, BLOCK: tl.constexpr, SOFT_BF16: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / n_cols + eps)
+    xn = cast(x * rstd, x_ptr.dtype.element_ty, SOFT_BF16).to(tl.float32)  # HF rounds to x's dtype before w
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_ptr + row * n_cols + cols, cast(w * xn, y_ptr.dtype.element_ty, SOFT_BF16), mask=mask)
+    tl.store(rstd_ptr + row, rstd)
+
+
+@triton.jit
+def _rms_norm_bwd(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, n_cols, BLOCK: tl.constexpr, SOFT_BF16: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    dy = tl.load(dy_ptr + row * n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    rstd = tl.load(rstd_ptr + row)
+    xn = x * rstd
+    g = dy * w
+    dx = rstd * (g - xn * (tl.sum(g * xn, axis=0) / n_cols))
+    tl.store(dx_ptr + row * n_cols + cols, cast(dx, dx_ptr.dtype.element_ty, SOFT_BF16), mask=mask)
+
+
+@triton.jit
+def _swiglu_fwd(g_ptr, u_ptr, h_ptr, n, BLOCK: tl.constexpr, SOFT_BF16: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(h_ptr + offs, cast(g / (1.0 + tl.exp(-g)) * u, h_ptr.dtype.element_ty, SOFT_BF16), mask=mask)
+
+
+@triton.jit
+def _swiglu_bwd(dh_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n, BLOCK: tl.constexpr, SOFT_BF16: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    dh = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    sig = 1.0 / (1.0 + tl.exp(-g))
+    tl.store(du_ptr + offs, cast(dh * g * sig, du_ptr.dtype.element_ty, SOFT_BF16), mask=mask)
+    tl.store(dg_ptr + offs, cast(dh * u * sig * (1.0 + g * (1.0 - sig)), dg_ptr.dtype.element_ty, SOFT_BF16),
+             mask=mask)
+
+
+SWIGLU_BLOCK = 1024
+
+
+def swiglu_forward(g: Tensor, u: Tensor, out: Tensor | None = None) -> Tensor:
+    """silu(g) * u for contiguous g, u of one shape, in promote(g dtype, u dtype)."""
+    assert g.shape == u.shape and g.is_contiguous() and u.is_contiguous(), \
+        f"gate {tuple(g.shape)} and up {tuple(u.shape)} must be contiguous and of one shape"
+    if out is None:
+        out = torch.empty_like(g, dtype=torch.promote_types(g.dtype, u.dtype))
+    n = g.numel()
+    if n:
+        _swiglu_fwd[(triton.cdiv(n, SWIGLU_BLOCK),)](g, u, out, n, BLOCK=SWIGLU_BLOCK, num_warps=4,
+                                                       SOFT_BF16=interpreting())
+    return out
+
+
+def swiglu_backward(dh: Tensor, g: Tensor, u: Tensor,
+                    out: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """(dg, du) of h = silu(g) * u, in g's and u's dtypes."""
+    dh = dh.contiguous()
+    dg, du = out if out is not None else (torch.empty_like(g), torch.empty_like(u))
+    n = g.numel()
+    if n:
+        _swiglu_bwd[(triton.cdiv(n, SWIGLU_BLOCK),)](dh, g, u, dg, du, n, BLOCK=SWIGLU_BLOCK, num_warps=4,
+                                                       SOFT_BF16=interpreting())
+    return dg, du
+
+
+def _launch(n_cols: int) -> dict:
+    block = triton.next_power_of_2(n_cols)
+    return dict(BLOCK=block, num_warps=min(16, max(1, block // 512)), SOFT_BF16=interpreting())
+
+
+def interpreting() -> bool:
+    """True when Triton was imported under TRITON_INTERPRET=1 (kernels then run on CPU tensors)."""
+    from triton.runtime.interpreter import InterpretedFunction
+    return isinstance(_rms_norm_fwd, InterpretedFunction)
+
+
+def rms_norm_forward(x2d: Tensor, weight: Tensor, eps: float, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """y [rows, n] and the float32 rstd [rows] of contiguous x2d [rows, n]."""
+    rows, n = x2d.shape
+    assert x2d.is_contiguous() and weight.shape == (n,), f"x {tuple(x2d.shape)} and weight {tuple(weight.shape)}"
+    assert n <= MAX_COLS, f"RMSNorm over {n} features: the fused kernel holds a row in registers (<= {MAX_COLS})"
+    if out is None:
+        out = torch.empty_like(x2d, dtype=torch.promote_types(x2d.dtype, weight.dtype))
+    rstd = torch.empty(rows, device=x2d.device, dtype=torch.float32)
+    if rows:
+        _rms_norm_fwd[(rows,)](x2d, weight, out, rstd, n, eps, **_launch(n))
+    return out, rstd
+
+
+def rms_norm_backward(dy2d: Tensor, x2d: Tensor, weight: Tensor, rstd: Tensor, out: Tensor | None = None) -> Tensor:
+    """dx [rows, n] (x's dtype) from dy [rows, n] and the forward's rstd."""
+    rows, n = x2d.shape
+    dy2d = dy2d.contiguous()
+    if out is None:
+        out = torch.empty_like(x2d)
+    if rows:
+        _rms_norm_bwd[(rows,)](dy2d, x2d, weight, rstd, out, n, **_launch(n))
+    return out

@@ -1,0 +1,147 @@
+"""The fused RMSNorm and SwiGLU of xpu_llm.finetune against Hugging Face's modules and a float64 reference:
+forward and input gradients on random inputs, rows, widths and lengths that are not multiples of the tiles,
+outputs poisoned with NaN; then a low-bit LoRA model with its layers swapped trains to the same loss and adapter
+gradients. On a GPU the compiled
+kernels run; without one, the same kernels run on CPU tensors through Triton's interpreter (a child process)."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("triton")
+transformers = pytest.importorskip("transformers")
+
+import interpreter  # noqa: E402
+from xpu_llm.device import get_device, is_gpu  # noqa: E402
+from xpu_llm.finetune.fused import FusedRMSNorm, FusedSwiGLUMLP, fuse_layers, reference_rms_norm  # noqa: E402
+
+DEVICE = get_device()
+RUN_HERE = is_gpu(DEVICE) or interpreter.IN_CHILD
+here = pytest.mark.skipif(not RUN_HERE, reason="runs in the TRITON_INTERPRET=1 child (test_interpreter_suite)")
+ROWS, WIDTH = (777, 4000) if is_gpu(DEVICE) else (21, 200)
+DEV = DEVICE if is_gpu(DEVICE) else torch.device("cpu")
+
+
+@pytest.mark.skipif(RUN_HERE, reason="kernels run in this process")
+def test_interpreter_suite():
+    print(interpreter.run_interpreted(__file__))
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def hf_norm(width: int, dtype: torch.dtype, seed: int = 0) -> nn.Module:
+    norm = transformers.models.llama.modeling_llama.LlamaRMSNorm(width, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(width, generator=torch.Generator().manual_seed(seed)) * 0.5 + 1.0)
+    return norm.to(DEV, dtype)
+
+
+@here
+@pytest.mark.parametrize("dtype,wdtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                          (torch.float16, torch.float16), (torch.bfloat16, torch.float32)])
+def test_kernels_match_float64_and_hf(dtype, wdtype):
+    from xpu_llm.finetune import kernels as k
+
+    g = torch.Generator().manual_seed(1)
+    x = (torch.randn(ROWS, WIDTH, generator=g) * 3 + 0.5).to(DEV, dtype)
+    dy = torch.randn(ROWS, WIDTH, generator=g).to(DEV, torch.promote_types(dtype, wdtype))
+    hf = hf_norm(WIDTH, wdtype)
+    poison = torch.full_like(dy, float("nan"))
+    y, rstd = k.rms_norm_forward(x, hf.weight, 1e-5, out=poison)
+    assert y.data_ptr() == poison.data_ptr() and y.dtype == hf(x).dtype and torch.isfinite(y).all()
+    dx = k.rms_norm_backward(dy, x, hf.weight, rstd, out=torch.full_like(x, float("nan")))
+    x64 = x.double().requires_grad_(True)
+    y64 = reference_rms_norm(x64, hf.weight.double(), 1e-5)
+    dx64, = torch.autograd.grad(y64, x64, dy.double())
+    # dx: one rounding to the output dtype; y: two, as in HF's formula (x * rstd to x's dtype, then times w)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    assert rel(dx, dx64) <= tol and rel(y, y64) <= 2 * tol, (rel(dx, dx64), rel(y, y64))
+    # Rounded as HF rounds (x * rstd to x's dtype, times w): equal up to one unit of the last place.
+    ulp = {torch.float32: 2e-6, torch.bfloat16: 8e-3, torch.float16: 1e-3}[dtype]
+    assert (y.double() - hf(x).double()).abs().max() <= ulp * hf(x).double().abs().max()
+
+
+@here
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_swiglu_kernels_match_float64(dtype):
+    from xpu_llm.finetune import kernels as k
+
+    gen = torch.Generator().manual_seed(2)
+    g, u, dh = ((torch.randn(ROWS, WIDTH + 3, generator=gen) * 3).to(DEV, dtype) for _ in range(3))
+    poison = torch.full_like(g, float("nan"))
+    h = k.swiglu_forward(g, u, out=poison)
+    dg, du = k.swiglu_backward(dh, g, u, out=(torch.full_like(g, float("nan")), torch.full_like(u, float("nan"))))
+    g64, u64 = g.double().requires_grad_(True), u.double().requires_grad_(True)
+    h64 = torch.nn.functional.silu(g64) * u64
+    dg64, du64 = torch.autograd.grad(h64, (g64, u64), dh.double())
+    tol = 1e-6 if dtype == torch.float32 else 2e-3  # one rounding to the output dtype
+    assert h.data_ptr() == poison.data_ptr() and h.dtype == dtype
+    assert rel(h, h64) <= tol and rel(dg, dg64) <= tol and rel(du, du64) <= tol, (rel(h, h64), rel(dg, dg64))
+
+
+@here
+def test_norm_module_forward_backward_and_trainable_weight():
+    hf = hf_norm(WIDTH, torch.float32)
+    hf.weight.requires_grad_(True)
+    fused = FusedRMSNorm(hf.weight, hf.variance_epsilon)
+    assert fused.weight is hf.weight
+    x = torch.randn(3, ROWS, WIDTH, device=DEV, requires_grad=True)
+    dy = torch.randn(3, ROWS, WIDTH, device=DEV)
+    ref = torch.autograd.grad(hf(x), (x, hf.weight), dy)
+    got = torch.autograd.grad(fused(x), (x, fused.weight), dy)
+    assert rel(got[0], ref[0]) <= 1e-5 and rel(got[1], ref[1]) <= 1e-5
+
+
+@here
+def test_swapped_lora_model_trains_identically():
+    """A low-bit LoRA model: loss and adapter gradients with fused layers equal the unfused model's (float32)."""
+    import copy
+
+    import xpu_llm
+    from xpu_llm.finetune import add_lora
+
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=128, initializer_range=0.2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).to(DEV)
+    model.requires_grad_(False)
+    xpu_llm.optimize_model(model, low_bit="nf4", group_size=32)
+    model = add_lora(model, r=4, lora_alpha=8)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    fused = copy.deepcopy(model)
+    assert fuse_layers(fused) == {"norms": 2 * 2 + 1, "mlps": 2}
+    assert isinstance(fused.base_model.model.model.layers[0].mlp, FusedSwiGLUMLP)
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(3)).to(DEV)
+    results = []
+    for m in (model, fused):
+        loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        results.append((loss.item(), {n: p.grad for n, p in m.named_parameters() if p.requires_grad}))
+    (l0, g0), (l1, g1) = results
+    assert abs(l0 - l1) <= 1e-5 * abs(l0)
+    assert g0.keys() == g1.keys() and all(rel(g1[n], g0[n]) <= 1e-4 for n in g0)
+
+
+def test_other_layers_are_left_alone_and_cpu_tensors_take_the_hf_formulas():
+    gemma_like = type("GemmaRMSNorm", (nn.Module,), {})()
+    gemma_like.variance_epsilon = 1e-6
+    shape = dict(hidden_size=16, intermediate_size=24, num_attention_heads=4, num_key_value_heads=2)
+    cfg = transformers.LlamaConfig(**shape)
+    gelu_mlp = transformers.models.llama.modeling_llama.LlamaMLP(transformers.LlamaConfig(**shape, hidden_act="gelu"))
+    model = nn.ModuleDict({"a": gemma_like, "b": hf_norm(16, torch.float32).cpu(), "c": gelu_mlp,
+                           "d": transformers.models.llama.modeling_llama.LlamaMLP(cfg)})
+    ref = {k: model[k] for k in "bd"}
+    assert fuse_layers(model) == {"norms": 1, "mlps": 1}
+    assert model["a"] is gemma_like and model["c"] is gelu_mlp
+    assert isinstance(model["b"], FusedRMSNorm) and isinstance(model["d"], FusedSwiGLUMLP)
+    assert model["d"].up_proj is ref["d"].up_proj
+    if not interpreter.IN_CHILD:  # no kernels on CPU tensors outside the interpreter: exactly HF's formulas
+        x = torch.randn(5, 16, dtype=torch.bfloat16)
+        assert torch.equal(model["b"](x), ref["b"](x))
+        assert torch.equal(model["d"](x.float()), ref["d"](x.float()))
