@@ -125,6 +125,9 @@ def build(engine: str, shape: str, args: argparse.Namespace, device):
         return add_lora(model, **lora)
     _bnb_quantize(model, device, dtype)
     if engine == "bnb":
+        # What from_pretrained(quantization_config=BitsAndBytesConfig(...)) sets; without it PEFT's prepare step
+        # skips gradient checkpointing (it checks this flag), and the row would run without recompute.
+        model.is_loaded_in_4bit = True
         model = peft.prepare_model_for_kbit_training(model, use_gradient_checkpointing=args.gradient_checkpointing,
                                                      gradient_checkpointing_kwargs=gc_kwargs)
     elif args.gradient_checkpointing:
