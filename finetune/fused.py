@@ -9,6 +9,7 @@ Why: an 8B QLoRA step at 4096 tokens runs 65 norms and 32 MLP gates forward, aga
 unfused, a norm is about seven elementwise passes over a float32 copy of the activations, a gate five."""
 from __future__ import annotations
 
+import functools
 import logging
 
 import torch
@@ -28,6 +29,7 @@ GATED_MLPS = frozenset(("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Grani
 SILU = ("SiLUActivation", "SiLU")
 
 
+@functools.cache
 def _kernels():
     """finetune.kernels, or None where Triton is not importable."""
     try:
@@ -94,7 +96,7 @@ class FusedRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        if _use_kernels(x):
+        if _use_kernels(x) and x.shape[-1] <= _kernels().MAX_COLS:
             return _RMSNormFunction.apply(x, self.weight, self.variance_epsilon)
         return reference_rms_norm(x, self.weight, self.variance_epsilon)
 
