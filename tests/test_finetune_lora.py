@@ -193,6 +193,24 @@ def test_fused_lora_update_matches_peft_forward(tiny_chat_model):
     assert not any(m._fused_ok() for m in with_bias.modules() if isinstance(m, LowBitLoraLinear))
 
 
+def test_load_base_fuses_layers_unless_told_not_to(tiny_chat_model):
+    """load_base swaps in the fused norm and gate (same parameter names); on CPU tensors they compute HF's own
+    formulas, so the logits are bit-identical; --no-fused-layers keeps HF's modules."""
+    from xpu_llm.finetune import load_base
+    from xpu_llm.finetune.args import build_parser
+    from xpu_llm.finetune.fused import FusedRMSNorm, FusedSwiGLUMLP
+
+    fused, plain = load_base(tiny_chat_model, "nf4"), load_base(tiny_chat_model, "nf4", fuse=False)
+    assert isinstance(fused.model.norm, FusedRMSNorm) and isinstance(fused.model.layers[1].mlp, FusedSwiGLUMLP)
+    assert type(plain.model.norm).__name__ == "LlamaRMSNorm" and type(plain.model.layers[1].mlp).__name__ == "LlamaMLP"
+    assert fused.state_dict().keys() == plain.state_dict().keys()
+    with torch.no_grad():
+        assert torch.equal(fused(input_ids=IDS).logits, plain(input_ids=IDS).logits)
+    parse = build_parser().parse_args
+    assert parse(["--data", "d", "-o", "o"]).fused_layers and not parse(["--data", "d", "-o", "o",
+                                                                        "--no-fused-layers"]).fused_layers
+
+
 @pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16])
 def test_packed_storage_is_bit_exact_and_trains_identically(tiny_chat_model, storage):
     model = low_bit_model(tiny_chat_model, "nf4")
