@@ -13,6 +13,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..lowbit.kernels.triton_common import cast
+from ..lowbit.kernels.triton_gemv import soft_bf16 as interpreting  # Triton runs interpreted (cached)
 
 MAX_COLS = 65536  # one row per program, held in registers
 
@@ -98,12 +99,6 @@ def swiglu_backward(dh: Tensor, g: Tensor, u: Tensor,
 def _launch(n_cols: int) -> dict:
     block = triton.next_power_of_2(n_cols)
     return dict(BLOCK=block, num_warps=min(16, max(1, block // 512)), SOFT_BF16=interpreting())
-
-
-def interpreting() -> bool:
-    """True when Triton was imported under TRITON_INTERPRET=1 (kernels then run on CPU tensors)."""
-    from triton.runtime.interpreter import InterpretedFunction
-    return isinstance(_rms_norm_fwd, InterpretedFunction)
 
 
 def rms_norm_forward(x2d: Tensor, weight: Tensor, eps: float, out: Tensor | None = None) -> tuple[Tensor, Tensor]:
