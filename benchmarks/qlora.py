@@ -116,12 +116,12 @@ def build(engine: str, shape: str, args: argparse.Namespace, device):
     gc_kwargs = {"use_reentrant": False}
     if engine == "xpu-llm":
         import xpu_llm
-        from xpu_llm.finetune import add_lora, fuse_layers
+        from xpu_llm.finetune import add_lora, checkpoint_layers, fuse_layers
 
         xpu_llm.optimize_model(model, low_bit=args.low_bit, group_size=args.group_size)
         fuse_layers(model)
         if args.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+            checkpoint_layers(model, int(args.uncheckpointed_layers))
         return add_lora(model, **lora)
     _bnb_quantize(model, device, dtype)
     if engine == "bnb":
@@ -185,7 +185,8 @@ def run_child(engine: str, shape: str, args: argparse.Namespace) -> dict[str, An
     dt = time.perf_counter() - t1
     peak = max_memory_allocated(device)
     extra = {"profile_ms": profile_step(step, device)} if args.profile else {}
-    return {**extra, "engine": engine, "shape": shape, "seq": seq, "batch": batch, "steps": args.steps,
+    kept = {"uncheckpointed_layers": int(args.uncheckpointed_layers)} if engine == "xpu-llm" else {}
+    return {**extra, "engine": engine, **kept, "shape": shape, "seq": seq, "batch": batch, "steps": args.steps,
             "tokens_per_s": round(batch * seq * args.steps / dt, 1), "step_s": round(dt / args.steps, 4),
             "peak_gib": round(peak / GIB, 3), "weights_gib": round(weights / GIB, 3),
             "fits_16gib": peak <= A770_BYTES, "loss": round(last, 4), "finite": math.isfinite(last),
@@ -224,8 +225,9 @@ def profile_step(step, device) -> dict[str, float]:
 
 # ---------------------------------------------------------------------------------------------- driver
 
-def _child_cmd(engine: str, shape: str, args: argparse.Namespace) -> list[str]:
+def _child_cmd(engine: str, shape: str, args: argparse.Namespace, kept: int = 0) -> list[str]:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", engine, "--shapes", shape,
+           "--uncheckpointed-layers", str(kept),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--lora-r", str(args.lora_r),
            "--low-bit", args.low_bit, "--group-size", str(args.group_size)]
     for flag, v in (("--seq", args.seq), ("--batch", args.batch), ("--device", args.device)):
@@ -238,13 +240,19 @@ def _child_cmd(engine: str, shape: str, args: argparse.Namespace) -> list[str]:
     return cmd
 
 
-def run_one(engine: str, shape: str, args: argparse.Namespace) -> dict[str, Any]:
-    base = {"engine": engine, "shape": shape}
+def run_one(engine: str, shape: str, args: argparse.Namespace, kept: int = 0) -> dict[str, Any]:
+    base = {"engine": engine, "shape": shape, **({"uncheckpointed_layers": kept} if engine == "xpu-llm" else {})}
     if engine.startswith("bnb"):
         import importlib.util
         if importlib.util.find_spec("bitsandbytes") is None:
             return {**base, "error": "bitsandbytes not installed"}
-    return child_row(_child_cmd(engine, shape, args), base, args.timeout)
+    return child_row(_child_cmd(engine, shape, args, kept), base, args.timeout)
+
+
+def label(row: dict[str, Any]) -> str:
+    """The engine, with the number of layers that keep their activations where there are any."""
+    kept = row.get("uncheckpointed_layers", 0)
+    return f"{row['engine']} ({kept} layers not recomputed)" if kept else row["engine"]
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -252,15 +260,15 @@ def table(rows: list[dict[str, Any]]) -> str:
            "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['shape']} | {r['engine']} | | | | | | | {r['error']} |")
+            out.append(f"| {r['shape']} | {label(r)} | | | | | | | {r['error']} |")
             continue
-        out.append(f"| {r['shape']} | {r['engine']} | {r['seq']} x {r['batch']} | {r['tokens_per_s']:.0f} | "
+        out.append(f"| {r['shape']} | {label(r)} | {r['seq']} x {r['batch']} | {r['tokens_per_s']:.0f} | "
                    f"{r['step_s']:.3f} | {r['peak_gib']:.2f} | {r['weights_gib']:.2f} | "
                    f"{'yes' if r['fits_16gib'] else 'no'} | loss {r['loss']} |")
     for r in rows:
         if r.get("profile_ms"):
             total = sum(r["profile_ms"].values())
-            out.append(f"\n{r['engine']}, one step's device kernel time: {total:.0f} ms "
+            out.append(f"\n{label(r)}, one step's device kernel time: {total:.0f} ms "
                        f"({100 * total / (1000 * r['step_s']):.0f}% of the timed step; the rest the device waits "
                        "for the host); "
                        + ", ".join(f"{c} {ms:.0f} ({100 * ms / total:.0f}%)" for c, ms in r["profile_ms"].items()))
@@ -268,15 +276,14 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def ratios(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """xpu-llm / bitsandbytes tokens/s and peak memory per shape."""
+    """Each xpu-llm row's tokens/s and peak memory over each bitsandbytes row's, per shape."""
     out = {}
-    for shape in {r["shape"] for r in rows}:
-        ours = next((r for r in rows if r["shape"] == shape and r["engine"] == "xpu-llm" and "error" not in r), None)
-        for ref in ENGINES[1:]:
-            other = next((r for r in rows if r["shape"] == shape and r["engine"] == ref and "error" not in r), None)
-            if ours and other:
-                out[f"{shape}/{ref}"] = {"speedup": round(ours["tokens_per_s"] / other["tokens_per_s"], 3),
-                                         "memory_ratio": round(ours["peak_gib"] / other["peak_gib"], 3)}
+    ok = [r for r in rows if "error" not in r]
+    for ours in (r for r in ok if r["engine"] == "xpu-llm"):
+        for other in (r for r in ok if r["engine"] != "xpu-llm" and r["shape"] == ours["shape"]):
+            out[f"{ours['shape']}/{label(ours)}/{other['engine']}"] = {
+                "speedup": round(ours["tokens_per_s"] / other["tokens_per_s"], 3),
+                "memory_ratio": round(ours["peak_gib"] / other["peak_gib"], 3)}
     return out
 
 
@@ -293,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--low-bit", default="nf4", help="xpu-llm base format")
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--uncheckpointed-layers", default="0",
+                    help="xpu-llm: comma list, one row each: the last N decoder layers keep their activations "
+                         "(xpu_llm.finetune.checkpoint_layers)")
     ap.add_argument("--device", default=None, help="default: xpu > cuda > cpu")
     ap.add_argument("--profile", action="store_true", help="also profile one step: device kernel time by category")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per engine and shape")
@@ -307,12 +317,14 @@ def main(argv: list[str] | None = None) -> int:
         print("ROW " + json.dumps(run_child(args.child, shapes[0], args)), flush=True)
         return 0
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    kept = [int(v) for v in str(args.uncheckpointed_layers).split(",") if v.strip()]
     rows = []
     for shape in shapes:
         for engine in engines:
-            row = run_one(engine, shape, args)
-            print(json.dumps(row), file=sys.stderr, flush=True)
-            rows.append(row)
+            for n in kept if engine == "xpu-llm" else [0]:
+                row = run_one(engine, shape, args, n)
+                print(json.dumps(row), file=sys.stderr, flush=True)
+                rows.append(row)
     result = {"benchmark": "qlora", "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "machine": machine_info(threads=0, peers=False), "settings": {k: v for k, v in vars(args).items()
                                                                              if k not in ("child", "out")},

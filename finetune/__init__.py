@@ -11,10 +11,10 @@ from __future__ import annotations
 
 __all__ = ["add_lora", "lora_config", "load_adapter", "LowBitLoraLinear", "load_base", "load_tokenizer",
            "dequantize_linears", "export", "PackedLowBitLinear", "pack_low_bit_layers", "config_path",
-           "fuse_layers"]
+           "fuse_layers", "checkpoint_layers"]
 
 _WHERE = {"add_lora": "lora", "lora_config": "lora", "load_adapter": "lora", "LowBitLoraLinear": "lora",
-          "load_base": "model", "load_tokenizer": "model", "dequantize_linears": "model", "export": "export",
+          "load_base": "model", "checkpoint_layers": "model", "load_tokenizer": "model", "dequantize_linears": "model", "export": "export",
           "PackedLowBitLinear": "storage", "pack_low_bit_layers": "storage", "fuse_layers": "fused"}
 
 

@@ -40,10 +40,10 @@ def load_tokenizer(path: str, chat_template: str | None = None) -> Any:
 
 def load_base(path: str, low_bit: str | None = "nf4", group_size: int = 64, dtype: torch.dtype = torch.float32,
               gradient_checkpointing: bool = True, modules_to_not_convert: list[str] | None = None,
-              fuse: bool = True) -> nn.Module:
+              fuse: bool = True, uncheckpointed_layers: int = 0) -> nn.Module:
     """HF model with frozen low-bit linears (None: dense), every base parameter frozen, KV cache off and,
-    optionally, non-reentrant gradient checkpointing (recompute each decoder layer in backward) and fused
-    RMSNorms and SwiGLU gates (Triton on GPUs; the same formulas elsewhere, see fused.py)."""
+    optionally, gradient checkpointing (see checkpoint_layers) and fused RMSNorms and SwiGLU gates (Triton on
+    GPUs; the same formulas elsewhere, see fused.py)."""
     from ..hf import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, load_in_low_bit=low_bit, group_size=group_size, dtype=dtype,
@@ -55,11 +55,38 @@ def load_base(path: str, low_bit: str | None = "nf4", group_size: int = 64, dtyp
     if fuse:
         fuse_layers(model)
     if gradient_checkpointing:
-        if not getattr(model, "supports_gradient_checkpointing", False):
-            raise XpuLLMError(f"{type(model).__name__} does not support gradient checkpointing; "
-                              "pass --no-gradient-checkpointing")
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        checkpoint_layers(model, uncheckpointed_layers)
     return model
+
+
+def checkpoint_layers(model: nn.Module, uncheckpointed: int = 0) -> int:
+    """Non-reentrant gradient checkpointing (recompute each decoder layer in backward) on every decoder layer
+    but the last `uncheckpointed`, which keep their activations: memory for speed (at the Llama-3-8B shape,
+    sequence 1024, batch 4, about 1 GiB per layer). The last ones, because their backward runs first and frees
+    that memory before any recompute allocates. The low-bit linears of checkpointed layers keep the weight that
+    the recompute dequantized for their backward (FrozenMatmul). Returns the number of checkpointed layers."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from .lora import LOW_BIT_LAYERS
+
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise XpuLLMError(f"{type(model).__name__} does not support gradient checkpointing; "
+                          "pass --no-gradient-checkpointing")
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns there
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not 0 <= uncheckpointed <= len(layers):
+        raise XpuLLMError(f"--uncheckpointed-layers {uncheckpointed}: the model has {len(layers)} decoder "
+                          f"layers; pass 0 to {len(layers)}")
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = on = i < len(layers) - uncheckpointed
+        for m in layer.modules():
+            if isinstance(m, LOW_BIT_LAYERS):
+                m.keep_weight_for_backward = on
+    return len(layers) - uncheckpointed
 
 
 def dequantize_linears(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:

@@ -15,20 +15,12 @@ from torch import Tensor, nn
 
 from ..lowbit.formats import get_format
 from ..lowbit.kernels import lowbit_dequantize
-from ..lowbit.linear import LowBitLinear
+from ..lowbit.linear import FrozenMatmul, LowBitLinear
 
 
-class _DequantLinear(torch.autograd.Function):
-    """x2d @ W.T with W dequantized for the call and dropped; backward dequantizes again for grad @ W."""
-
-    @staticmethod
-    def forward(ctx, x2d: Tensor, layer: "PackedLowBitLinear") -> Tensor:
-        ctx.layer = layer
-        return F.linear(x2d, layer.dequantize_weight(x2d.dtype))
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        return grad @ ctx.layer.dequantize_weight(grad.dtype), None
+def _dequant_matmul(x2d: Tensor, layer: "PackedLowBitLinear") -> Tensor:
+    """x2d @ W.T with W dequantized for the call and dropped."""
+    return F.linear(x2d, layer.dequantize_weight(x2d.dtype))
 
 
 class PackedLowBitLinear(nn.Module):
@@ -53,6 +45,7 @@ class PackedLowBitLinear(nn.Module):
         self.bias = (nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
                      if bias else None)
         self.kernel_dtype = None
+        self.keep_weight_for_backward = False  # see FrozenMatmul; set only inside checkpointed blocks
 
     @classmethod
     def from_lowbit(cls, layer: LowBitLinear, storage_dtype: torch.dtype = torch.uint8) -> "PackedLowBitLinear":
@@ -92,9 +85,9 @@ class PackedLowBitLinear(nn.Module):
         assert x.shape[-1] == self.in_features, f"input has {x.shape[-1]} features, layer expects {self.in_features}"
         x2d = x.reshape(-1, self.in_features)
         if torch.is_grad_enabled() and x2d.requires_grad:
-            y = _DequantLinear.apply(x2d, self)
+            y = FrozenMatmul.apply(x2d, self, _dequant_matmul)
         else:
-            y = F.linear(x2d, self.dequantize_weight(x2d.dtype))
+            y = _dequant_matmul(x2d, self)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.view(*x.shape[:-1], self.out_features)
@@ -124,7 +117,7 @@ def pack_low_bit_layers(model: nn.Module, storage_dtype: torch.dtype = torch.uin
         if type(mod) is LowBitLinear:
             parent, _, child = name.rpartition(".")
             new = PackedLowBitLinear.from_lowbit(mod, storage_dtype)
-            new.kernel_dtype = mod.kernel_dtype
+            new.kernel_dtype, new.keep_weight_for_backward = mod.kernel_dtype, mod.keep_weight_for_backward
             setattr(model.get_submodule(parent) if parent else model, child, new)
             n += 1
     return n

@@ -153,7 +153,7 @@ def build_model(args: Any, acc: Any, dtype: torch.dtype, model_path: str) -> Any
     low_bit = None if str(args.low_bit).lower() in ("none", "dense") else args.low_bit
     with hide_zero3_from_transformers(acc):
         model = load_base(model_path, low_bit, args.group_size, dtype, args.gradient_checkpointing,
-                          fuse=args.fused_layers)
+                          fuse=args.fused_layers, uncheckpointed_layers=args.uncheckpointed_layers)
     if ckpt.is_deepspeed(acc):  # frozen packed weights as parameters: ZeRO-3 shards them, checkpoints skip them
         storage = {"uint8": torch.uint8, "bfloat16": torch.bfloat16, "float16": torch.float16,
                    "float32": torch.float32}[args.quant_storage]

@@ -96,6 +96,62 @@ def test_gradient_checkpointing_gives_the_same_gradients(tiny_chat_model):
     assert max(rel(grads_ck[k], grads[k]) for k in grads) < 1e-6
 
 
+def weight_passes(monkeypatch) -> dict[str, list[str]]:
+    """Records, per low-bit layer, each pass over its packed weight: "mm" (the kernel) or "dq" (dequantize)."""
+    import xpu_llm.lowbit.linear as linear_mod
+
+    seen: dict[str, list[str]] = {}
+    mm = linear_mod.lowbit_matmul
+
+    def count(layer, kind):
+        seen.setdefault(layer.name, []).append(kind)
+
+    monkeypatch.setattr(linear_mod, "lowbit_matmul", lambda x, layer: (count(layer, "mm"), mm(x, layer))[1])
+    for cls in (LowBitLinear, PackedLowBitLinear):
+        monkeypatch.setattr(cls, "dequantize_weight",
+                            lambda self, dtype=torch.float32, _f=getattr(cls, "dequantize_weight"):
+                            (count(self, "dq"), _f(self, dtype))[1])
+    return seen
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["buffers", "packed"])
+def test_checkpointed_layers_reuse_the_recomputed_weight_in_backward(tiny_chat_model, monkeypatch, packed):
+    """checkpoint_layers(model, 1) on 2 layers: layer 0 is recomputed and its linears dequantize twice a step (forward,
+    recompute; backward reuses the recompute's W), layer 1 keeps its activations and runs the kernel forward and
+    dequantizes in backward; the gradients are those without checkpointing."""
+    from xpu_llm.finetune import checkpoint_layers
+
+    model = low_bit_model(tiny_chat_model, "nf4")
+    pm = add_lora(model, r=8, lora_alpha=16)
+    randomize_lora(pm)
+    pm.train()
+    loss, grads = loss_and_grads(pm)
+    assert checkpoint_layers(model, 1) == 1
+    if packed:
+        assert pack_low_bit_layers(model) == 14
+    for name, m in model.named_modules():
+        if isinstance(m, (LowBitLinear, PackedLowBitLinear)):
+            m.name = name
+            assert m.keep_weight_for_backward == (".layers.0." in name), name
+    seen = weight_passes(monkeypatch)
+    loss_ck, grads_ck = loss_and_grads(pm)
+    assert len(seen) == 14
+    for name, passes in seen.items():
+        if packed:  # the packed layer's kernel is dequantize + matmul: every pass is a dequantize
+            assert passes == ["dq", "dq"], (name, passes)
+        else:
+            assert passes == (["dq", "dq"] if ".layers.0." in name else ["mm", "dq"]), (name, passes)
+    assert abs(loss_ck - loss) <= 1e-6 * abs(loss)
+    assert max(rel(grads_ck[k], grads[k]) for k in grads) < 1e-5
+
+    seen.clear()  # eval mode (no checkpointing in HF's layers): nothing is kept, backward dequantizes
+    pm.eval()
+    loss_and_grads(pm)
+    assert all(p == (["dq", "dq"] if packed else ["mm", "dq"]) for p in seen.values()), seen
+    with pytest.raises(XpuLLMError, match="pass 0 to 2"):
+        checkpoint_layers(model, 3)
+
+
 def test_adapter_loads_onto_plain_float_model_with_the_same_logits(tiny_chat_model, tmp_path):
     model = low_bit_model(tiny_chat_model, "nf4")
     pm = add_lora(model, r=8, lora_alpha=16)

@@ -9,6 +9,7 @@ import logging
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
@@ -18,17 +19,29 @@ from .kernels import lowbit_dequantize, lowbit_matmul, select_kernel
 log = logging.getLogger(__name__)
 
 
-class _LowBitMatmul(torch.autograd.Function):
-    """x2d @ W.T with a frozen W: the kernels have no autograd formula, so backward is grad @ W (for QLoRA)."""
+class FrozenMatmul(torch.autograd.Function):
+    """x2d @ W.T with a frozen low-bit W, through `matmul(x2d, layer)`: the kernels have no autograd formula, so
+    backward is grad @ W (for QLoRA; no weight gradient).
+
+    A layer inside a gradient-checkpointed block may be marked `keep_weight_for_backward` (finetune's
+    `checkpoint_layers` does it): in training mode its forward dequantizes W and saves it. Non-reentrant
+    checkpointing drops saved tensors in the first forward and holds the recompute's until the block's backward,
+    so W is dequantized twice a step (forward, recompute) instead of three times, for one layer's weights of
+    extra memory. Outside checkpointing that flag would keep every W alive: leave it off there."""
 
     @staticmethod
-    def forward(ctx, x2d: Tensor, layer: "LowBitLinear") -> Tensor:
+    def forward(ctx, x2d: Tensor, layer: nn.Module, matmul: Callable[[Tensor, nn.Module], Tensor]) -> Tensor:
         ctx.layer = layer
-        return lowbit_matmul(x2d, layer)
+        if layer.keep_weight_for_backward and layer.training:
+            w = layer.dequantize_weight(x2d.dtype)
+            ctx.save_for_backward(w)
+            return F.linear(x2d, w)
+        return matmul(x2d, layer)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        return grad @ ctx.layer.dequantize_weight(grad.dtype), None
+        (w,) = ctx.saved_tensors or (ctx.layer.dequantize_weight(grad.dtype),)
+        return grad @ w.to(grad.dtype), None, None
 
 
 class LowBitLinear(nn.Module):
@@ -58,6 +71,7 @@ class LowBitLinear(nn.Module):
         # dtype, exactly): torch.int8 = the native integer path (activations rounded to int8 per block of 32),
         # torch.bfloat16 = PyTorch's packed kernels. LLM(dtype="auto") sets one on float32 CPU models.
         self.kernel_dtype: torch.dtype | None = None
+        self.keep_weight_for_backward = False  # see FrozenMatmul; set only inside checkpointed blocks
 
     # ------------------------------------------------------------------------------------------ construction
     @classmethod
@@ -145,7 +159,7 @@ class LowBitLinear(nn.Module):
         assert x.shape[-1] == self.in_features, f"input has {x.shape[-1]} features, layer expects {self.in_features}"
         x2d = x.reshape(-1, self.in_features)
         if torch.is_grad_enabled() and x2d.requires_grad:
-            y = _LowBitMatmul.apply(x2d, self)
+            y = FrozenMatmul.apply(x2d, self, lowbit_matmul)
         else:
             y = lowbit_matmul(x2d, self)
         if self.bias is not None:
