@@ -67,23 +67,26 @@ class LowBitLoraLinear(PeftLoraLinear):
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """PEFT's forward, with each plain-LoRA update folded into one GEMM: y = base(x) + scaling * A(dropout(x))
-        @ B^T is `addmm(base(x), h, B^T, alpha=scaling)`, so neither the B product nor `* scaling` is written out
+        @ B^T is `base(x).addmm_(h, B^T, alpha=scaling)`, so neither the B product nor `* scaling` is written out
         as a separate [tokens, out] tensor, in forward or backward. Everything else (merged or disabled
         adapters, mixed batches, lora_bias, B partitioned by ZeRO-3) takes PEFT's own path."""
         if args or kwargs or self.disable_adapters or self.merged or not self._fused_ok():
             return super().forward(x, *args, **kwargs)
         self._check_forward_args(x)
-        result = self.base_layer(x)
-        dtype, shape = result.dtype, result.shape
-        out = result.reshape(-1, shape[-1])
+        x2d = x.reshape(-1, x.shape[-1])
+        out = self.base_layer(x2d)  # a new [M, N] tensor (frozen_forward), nobody's saved tensor: add into it
+        dtype, shape = out.dtype, (*x.shape[:-1], out.shape[-1])
         for name in self.active_adapters:
             if name not in self.lora_A:
                 continue
             a, b = self.lora_A[name], self.lora_B[name]
-            h = a(self.lora_dropout[name](self._cast_input_dtype(x, a.weight.dtype)))
-            h = h.reshape(-1, h.shape[-1])
-            out = torch.addmm(out if out.dtype == h.dtype else out.to(h.dtype), h, b.weight.t(),
-                              alpha=self.scaling[name])
+            h = a(self.lora_dropout[name](self._cast_input_dtype(x2d, a.weight.dtype)))
+            if out.dtype == h.dtype and out._base is None:
+                # In place: an out-of-place addmm first copies `out` (a [tokens, out] memcpy per layer and pass).
+                # In-place ops skip autocast, so B is cast here as autocast would cast it.
+                out.addmm_(h, b.weight.t().to(h.dtype), alpha=self.scaling[name])
+            else:
+                out = torch.addmm(out.to(h.dtype), h, b.weight.t(), alpha=self.scaling[name])
         return out.view(shape).to(dtype)
 
     def _fused_ok(self) -> bool:

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..lowbit.formats import get_format
 from ..lowbit.kernels import lowbit_dequantize
-from ..lowbit.linear import FrozenMatmul, LowBitLinear
+from ..lowbit.linear import LowBitLinear, frozen_forward
 
 
 def _dequant_matmul(x2d: Tensor, layer: "PackedLowBitLinear") -> Tensor:
@@ -82,15 +82,7 @@ class PackedLowBitLinear(nn.Module):
                                            bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        assert x.shape[-1] == self.in_features, f"input has {x.shape[-1]} features, layer expects {self.in_features}"
-        x2d = x.reshape(-1, self.in_features)
-        if torch.is_grad_enabled() and x2d.requires_grad:
-            y = FrozenMatmul.apply(x2d, self, _dequant_matmul)
-        else:
-            y = _dequant_matmul(x2d, self)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.view(*x.shape[:-1], self.out_features)
+        return frozen_forward(self, x, _dequant_matmul)
 
     def _apply(self, fn, recurse=True):
         # Device moves apply to the storage, dtype casts never do (the bytes are a format, not numbers).

@@ -249,6 +249,34 @@ def test_fused_lora_update_matches_peft_forward(tiny_chat_model):
     assert not any(m._fused_ok() for m in with_bias.modules() if isinstance(m, LowBitLoraLinear))
 
 
+def test_lora_update_adds_into_the_base_output_in_place(tiny_chat_model):
+    """With a bf16 base under bf16 autocast (the GPU setting: float32 adapters), the update goes into the base
+    layer's output tensor itself (no copy of it) and the gradients stay those of PEFT's own forward, within bf16
+    noise of the float32 result."""
+    ref = add_lora(low_bit_model(tiny_chat_model, "nf4"), r=4, lora_alpha=12)
+    randomize_lora(ref)
+    _, exact = loss_and_grads(ref)
+    model = add_lora(AutoModelForCausalLM.from_pretrained(tiny_chat_model, load_in_low_bit="nf4", group_size=64,
+                                                          dtype=torch.bfloat16).requires_grad_(False),
+                     r=4, lora_alpha=12)
+    randomize_lora(model)
+    layers = [m for m in model.modules() if isinstance(m, LowBitLoraLinear)]
+    ptrs: dict[str, list[int]] = {"base": [], "lora": []}
+    for m in layers:
+        m.get_base_layer().register_forward_hook(lambda mod, i, o: ptrs["base"].append(o.data_ptr()))
+        m.register_forward_hook(lambda mod, i, o: ptrs["lora"].append(o.data_ptr()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, ours = loss_and_grads(model)
+    assert ptrs["base"] == ptrs["lora"] and len(ptrs["base"]) == len(layers)
+    for m in layers:
+        m.forward = lambda x, *a, m=m, **k: peft.tuners.lora.layer.Linear.forward(m, x, *a, **k)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, stock = loss_and_grads(model)
+    err_ours = sum(rel(ours[n], g) for n, g in exact.items())
+    err_stock = sum(rel(stock[n], g) for n, g in exact.items())
+    assert 0 < err_ours <= 1.5 * err_stock, (err_ours, err_stock)
+
+
 def test_load_base_fuses_layers_unless_told_not_to(tiny_chat_model):
     """load_base swaps in the fused norm and gate (same parameter names); on CPU tensors they compute HF's own
     formulas, so the logits are bit-identical; --no-fused-layers keeps HF's modules."""

@@ -44,6 +44,20 @@ class FrozenMatmul(torch.autograd.Function):
         return grad @ w.to(grad.dtype), None, None
 
 
+def frozen_forward(layer: nn.Module, x: Tensor, matmul: Callable[[Tensor, nn.Module], Tensor]) -> Tensor:
+    """x @ W.T + bias for a frozen low-bit `layer` through `matmul` (FrozenMatmul when x needs a gradient). A 2-D x
+    gives a new [M, N] tensor, not a view, which a caller may add into in place (the LoRA update does)."""
+    assert x.shape[-1] == layer.in_features, f"input has {x.shape[-1]} features, layer expects {layer.in_features}"
+    x2d = x.reshape(-1, layer.in_features)
+    if torch.is_grad_enabled() and x2d.requires_grad:
+        y = FrozenMatmul.apply(x2d, layer, matmul)
+    else:
+        y = matmul(x2d, layer)
+    if layer.bias is not None:
+        y = y + layer.bias.to(y.dtype)
+    return y if x.dim() == 2 else y.view(*x.shape[:-1], layer.out_features)
+
+
 class LowBitLinear(nn.Module):
     """y = x @ W.T + bias with W in a low-bit format; W is frozen (buffers), bias a frozen parameter."""
 
@@ -156,15 +170,7 @@ class LowBitLinear(nn.Module):
 
     # ------------------------------------------------------------------------------------------ nn.Module
     def forward(self, x: Tensor) -> Tensor:
-        assert x.shape[-1] == self.in_features, f"input has {x.shape[-1]} features, layer expects {self.in_features}"
-        x2d = x.reshape(-1, self.in_features)
-        if torch.is_grad_enabled() and x2d.requires_grad:
-            y = FrozenMatmul.apply(x2d, self, lowbit_matmul)
-        else:
-            y = lowbit_matmul(x2d, self)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.view(*x.shape[:-1], self.out_features)
+        return frozen_forward(self, x, lowbit_matmul)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         for name, t in self.tensors().items():  # always the canonical layout
