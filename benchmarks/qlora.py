@@ -148,6 +148,7 @@ def run_child(engine: str, shape: str, args: argparse.Namespace) -> dict[str, An
 
     from xpu_llm.device import (describe, device_module, get_device, is_cpu, max_memory_allocated,
                                 memory_allocated, reset_peak_memory, synchronize)
+    from xpu_llm.finetune.gc_steps import StepGC
 
     device = get_device(args.device)
     spec = SHAPES[shape]
@@ -176,13 +177,17 @@ def run_child(engine: str, shape: str, args: argparse.Namespace) -> dict[str, An
         opt.zero_grad(set_to_none=True)
         return float(loss.detach())
 
-    for _ in range(args.warmup):
-        step()
-    synchronize(device)
-    t1 = time.perf_counter()
-    last = [step() for _ in range(args.steps)][-1]
-    synchronize(device)
-    dt = time.perf_counter() - t1
+    with StepGC() as collector:  # as xpu_llm.finetune.train runs its steps, for every engine
+        for i in range(args.warmup):
+            step()
+            collector.step(i + 1)
+        synchronize(device)
+        t1 = time.perf_counter()
+        for i in range(args.steps):
+            last = step()
+            collector.step(args.warmup + i + 1)
+        synchronize(device)
+        dt = time.perf_counter() - t1
     peak = max_memory_allocated(device)
     extra = {"profile_ms": profile_step(step, device)} if args.profile else {}
     kept = {"uncheckpointed_layers": int(args.uncheckpointed_layers)} if engine == "xpu-llm" else {}

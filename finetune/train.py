@@ -27,6 +27,7 @@ from ..errors import XpuLLMError
 from . import checkpoint as ckpt
 from .args import build_parser
 from .data import IGNORE, GlobalBatches, build_examples, collate, count_targets, pack, read_jsonl, split_heldout
+from .gc_steps import StepGC
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +326,7 @@ def loop(s: Session, args: Any, start: int, tokens_seen: int) -> int | None:
     bar = tqdm(total=s.max_steps, initial=start, unit="step", dynamic_ncols=True, desc="finetune",
                disable=args.no_progress or not acc.is_main_process)
     t_start = time.perf_counter()
-    with StopFlag() as stop:
+    with StopFlag() as stop, StepGC() as collector:
         for step in range(start, s.max_steps):
             t0 = time.perf_counter()
             rows = [[s.train_set[i] for i in s.batches.micro_batch(step, m, acc.process_index)]
@@ -333,6 +334,7 @@ def loop(s: Session, args: Any, start: int, tokens_seen: int) -> int | None:
             out = train_step(acc, s.model, s.optimizer, s.params, [collate(r, s.pad_id) for r in rows],
                              sum(len(e) for r in rows for e in r), args.max_grad_norm)
             s.scheduler.step()
+            collector.step(step + 1)
             done, dt = step + 1, time.perf_counter() - t0
             tokens_seen += int(out["tokens"])
             record = {"step": done, "loss": out["loss"], "lr": s.scheduler.get_last_lr()[0],

@@ -340,3 +340,29 @@ def test_hf_trainer_runs_unchanged(tiny_chat_model, tmp_path):
     trainer.train()
     logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(logged) == 6 and logged[-1] < logged[0]
+
+
+def test_step_gc_collects_between_steps_only():
+    """StepGC: no automatic collection inside the block, this step's garbage cycles freed by step(), the
+    collector's state restored after."""
+    import gc
+    import weakref
+
+    from xpu_llm.finetune.gc_steps import StepGC
+
+    class Node:
+        pass
+
+    assert gc.isenabled()
+    with StepGC(full_every=2) as collector:
+        assert not gc.isenabled()
+        a, b = Node(), Node()
+        a.other, b.other = b, a  # a cycle: only the collector frees it
+        dead = weakref.ref(a)
+        del a, b
+        for _ in range(3):
+            [Node() for _ in range(10_000)]  # allocations that would trigger automatic collection
+        assert dead() is not None
+        collector.step(1)
+        assert dead() is None
+    assert gc.isenabled()
