@@ -2,15 +2,19 @@
 transformers class or global is patched). `fuse_layers(model)` replaces
 - Llama-style RMSNorm modules by `FusedRMSNorm` (the same `weight` parameter), and
 - SiLU-gated MLPs (`down(silu(gate(x)) * up(x))`) by `FusedSwiGLUMLP` (the same gate/up/down submodules),
+- Llama attention modules by a subclass whose forward applies the rotary embedding in one kernel per tensor
+  (the same instance and submodules, only its class changes; the rest of the forward is HF's),
 so state dicts, PEFT targets and ZeRO-3 see the same names. On XPU and CUDA tensors they run the Triton kernels
 of finetune/kernels.py; elsewhere the Hugging Face formula, so a CPU run is unchanged.
 
 Why: an 8B QLoRA step at 4096 tokens runs 65 norms and 32 MLP gates forward, again in recompute, and backward;
-unfused, a norm is about seven elementwise passes over a float32 copy of the activations, a gate five."""
+unfused, a norm is about seven elementwise passes over a float32 copy of the activations, a gate five, the
+rotary embedding of q and k five each (over non-contiguous heads), with three more in backward."""
 from __future__ import annotations
 
 import functools
 import logging
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +31,10 @@ LLAMA_STYLE_NORMS = frozenset(("LlamaRMSNorm", "MistralRMSNorm", "MixtralRMSNorm
 # HF MLP classes whose forward is down_proj(act_fn(gate_proj(x)) * up_proj(x)); fused when act_fn is SiLU.
 GATED_MLPS = frozenset(("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "GraniteMLP"))
 SILU = ("SiLUActivation", "SiLU")
+# HF attention classes whose forward is q/k/v projections, apply_rotary_pos_emb (rotate_half), the KV cache, the
+# attention interface and o_proj, with nothing else in between (Mistral/Qwen2 add a sliding window, Qwen3 q/k
+# norms: not listed).
+ROPE_ATTENTIONS = frozenset(("LlamaAttention",))
 
 
 @functools.cache
@@ -118,19 +126,82 @@ class FusedSwiGLUMLP(nn.Module):
         return self.down_proj(h)
 
 
+class _RoPEFunction(torch.autograd.Function):
+    """(q, k) rotated by (cos, sin); cos and sin are constants (no gradient), so backward saves only them."""
+
+    @staticmethod
+    def forward(ctx, q: Tensor, k: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        ctx.save_for_backward(cos, sin)
+        return _kernels().rope(q, cos, sin), _kernels().rope(k, cos, sin)
+
+    @staticmethod
+    def backward(ctx, dq: Tensor, dk: Tensor):
+        cos, sin = ctx.saved_tensors
+        rope = _kernels().rope
+        dq = rope(dq.contiguous(), cos, sin, backward=True) if ctx.needs_input_grad[0] else None
+        dk = rope(dk.contiguous(), cos, sin, backward=True) if ctx.needs_input_grad[1] else None
+        return dq, dk, None, None
+
+
+def apply_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, hf_rope) -> tuple[Tensor, Tensor]:
+    """HF's apply_rotary_pos_emb(q, k, cos, sin) (passed as `hf_rope`), through the Triton kernel on GPU tensors
+    of the shapes it takes (q, k [B, heads, T, D]; cos, sin [B or 1, T, D], without gradient)."""
+    if (_use_kernels(q) and not (cos.requires_grad or sin.requires_grad) and q.dtype == k.dtype
+            and _kernels().rope_supported(q, cos) and _kernels().rope_supported(k, cos)
+            and sin.shape == cos.shape and sin.stride() == cos.stride()):
+        return _RoPEFunction.apply(q, k, cos, sin)
+    return hf_rope(q, k, cos, sin)
+
+
+def _rope_attention_forward(self, hidden_states: Tensor, position_embeddings=None, attention_mask=None, *args,
+                            **kwargs):
+    """HF's Llama attention forward (transformers 5.x) with apply_rope; anything else (a KV cache, positional
+    extras) goes to HF's own forward."""
+    hf_cls = type(self).__mro__[1]
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    if args or cache is not None or position_embeddings is None:
+        return hf_cls.forward(self, hidden_states, position_embeddings, attention_mask, *args, **kwargs)
+    kwargs = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")}
+    hf = sys.modules[hf_cls.__module__]
+    hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+    q = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    k = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    q, k = apply_rope(q, k, *position_embeddings, hf.apply_rotary_pos_emb)
+    attention = hf.ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
+                                                         hf.eager_attention_forward)
+    out, weights = attention(self, q, k, v, attention_mask, dropout=self.attention_dropout if self.training else 0.0,
+                             scaling=self.scaling, **kwargs)
+    out = out.reshape(*hidden_states.shape[:-1], -1).contiguous()
+    return self.o_proj(out), weights
+
+
+@functools.cache
+def _rope_attention_class(hf_cls: type) -> type:
+    """A subclass of the HF attention class with the fused-rope forward (one per HF class)."""
+    return type(f"FusedRoPE{hf_cls.__name__}", (hf_cls,), {"forward": _rope_attention_forward,
+                                                           "__module__": __name__})
+
+
 def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
     parent, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, child, new)
 
 
-def fuse_layers(model: nn.Module, norms: bool = True, mlps: bool = True) -> dict[str, int]:
-    """Swap the Llama-style RMSNorms and SiLU-gated MLPs under `model` for their fused versions, in place (call
-    it before adding LoRA or after: the linears are kept as they are). Other layers are left alone. Returns
-    how many of each were swapped."""
-    counts = {"norms": 0, "mlps": 0}
+def fuse_layers(model: nn.Module, norms: bool = True, mlps: bool = True, rope: bool = True) -> dict[str, int]:
+    """Swap the Llama-style RMSNorms, SiLU-gated MLPs and Llama attentions (their rotary embedding) under `model`
+    for their fused versions, in place (call it before adding LoRA or after: the linears are kept as they are).
+    Other layers are left alone. Returns how many of each were swapped."""
+    counts = {"norms": 0, "mlps": 0, "attentions": 0}
     for name, mod in list(model.named_modules()):
         kind = type(mod).__name__
-        if norms and kind in LLAMA_STYLE_NORMS and hasattr(mod, "variance_epsilon"):
+        if rope and kind in ROPE_ATTENTIONS and type(mod).__module__.startswith("transformers."):
+            hf = sys.modules[type(mod).__module__]
+            if all(hasattr(hf, a) for a in ("apply_rotary_pos_emb", "ALL_ATTENTION_FUNCTIONS",
+                                            "eager_attention_forward")):
+                mod.__class__ = _rope_attention_class(type(mod))
+                counts["attentions"] += 1
+        elif norms and kind in LLAMA_STYLE_NORMS and hasattr(mod, "variance_epsilon"):
             _swap(model, name, FusedRMSNorm(mod.weight, mod.variance_epsilon))
             counts["norms"] += 1
         elif mlps and kind in GATED_MLPS and type(getattr(mod, "act_fn", None)).__name__ in SILU:

@@ -3,6 +3,8 @@
   eps)), the output in promote(x dtype, w dtype). Backward treats the cast as identity (as autograd does) and
   computes dx in float32; dw, for the rare trainable norm, is left to torch by the caller.
 - SwiGLU, h = silu(g) * u elementwise, rounded once (Hugging Face rounds silu(g), then the product).
+- Rotary embedding of q or k ([batch, heads, tokens, head_dim], any strides with contiguous head_dim) in HF's
+  rotate_half convention, one token's heads per program, rounded once (HF rounds each of its five ops).
 Portable Triton only: the same source runs on NVIDIA and Intel GPUs, and on CPU tensors under TRITON_INTERPRET=1
 (the tests)."""
 from __future__ import annotations
@@ -66,6 +68,60 @@ def _swiglu_bwd(dh_ptr, g_ptr, u_ptr, dg_ptr, du_ptr, n, BLOCK: tl.constexpr, SO
     tl.store(du_ptr + offs, cast(dh * g * sig, du_ptr.dtype.element_ty, SOFT_BF16), mask=mask)
     tl.store(dg_ptr + offs, cast(dh * u * sig * (1.0 + g * (1.0 - sig)), dg_ptr.dtype.element_ty, SOFT_BF16),
              mask=mask)
+
+
+@triton.jit
+def _rope(x_ptr, cos_ptr, sin_ptr, y_ptr, T, H, sx_b, sx_h, sx_t, sc_b, sc_t, sy_b, sy_h, sy_t,
+          HALF: tl.constexpr, BLOCK_H: tl.constexpr, BACKWARD: tl.constexpr, SOFT_BF16: tl.constexpr):
+    # y = x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1]: y1 = x1 c1 - x2 s1, y2 = x2 c2 + x1 s2.
+    # Backward is the transpose: dx1 = dy1 c1 + dy2 s2, dx2 = dy2 c2 - dy1 s1.
+    pid = tl.program_id(0).to(tl.int64)
+    b, t = pid // T, pid % T
+    d = tl.arange(0, HALF)
+    c = cos_ptr + b * sc_b + t * sc_t + d
+    s = sin_ptr + b * sc_b + t * sc_t + d
+    c1, c2 = tl.load(c).to(tl.float32)[None, :], tl.load(c + HALF).to(tl.float32)[None, :]
+    s1, s2 = tl.load(s).to(tl.float32)[None, :], tl.load(s + HALF).to(tl.float32)[None, :]
+    h = tl.arange(0, BLOCK_H)[:, None]
+    mask = h < H
+    xp = x_ptr + b * sx_b + t * sx_t + h * sx_h + d[None, :]
+    x1 = tl.load(xp, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(xp + HALF, mask=mask, other=0.0).to(tl.float32)
+    if BACKWARD:
+        y1, y2 = x1 * c1 + x2 * s2, x2 * c2 - x1 * s1
+    else:
+        y1, y2 = x1 * c1 - x2 * s1, x2 * c2 + x1 * s2
+    yp = y_ptr + b * sy_b + t * sy_t + h * sy_h + d[None, :]
+    tl.store(yp, cast(y1, y_ptr.dtype.element_ty, SOFT_BF16), mask=mask)
+    tl.store(yp + HALF, cast(y2, y_ptr.dtype.element_ty, SOFT_BF16), mask=mask)
+
+
+def rope_supported(x: Tensor, cos: Tensor) -> bool:
+    """Whether the kernel takes x [B, H, T, D] with cos/sin [B or 1, T, D]: D even, D / 2 a power of two."""
+    if x.dim() != 4 or cos.dim() != 3 or x.stride(-1) != 1 or cos.stride(-1) != 1:
+        return False
+    b, _, t, d = x.shape
+    half = d // 2
+    return (d % 2 == 0 and half >= 1 and half & (half - 1) == 0 and cos.shape[1:] == (t, d)
+            and cos.shape[0] in (1, b))
+
+
+def rope(x: Tensor, cos: Tensor, sin: Tensor, backward: bool = False, out: Tensor | None = None) -> Tensor:
+    """x * cos + rotate_half(x) * sin (or, with backward=True, the gradient of that for an incoming gradient x),
+    in x's dtype and layout, for x [B, H, T, D] and cos, sin [B or 1, T, D] (rope_supported)."""
+    assert rope_supported(x, cos) and sin.shape == cos.shape and sin.stride() == cos.stride(), \
+        f"rope: x {tuple(x.shape)}, cos {tuple(cos.shape)}, sin {tuple(sin.shape)} are not [B, H, T, D], [B, T, D]"
+    b, h, t, d = x.shape
+    if out is None:
+        out = torch.empty_like(x)
+    assert out.shape == x.shape and out.stride(-1) == 1, "out must be shaped like x, with contiguous head_dim"
+    sc_b = 0 if cos.shape[0] == 1 else cos.stride(0)
+    if x.numel():
+        _rope[(b * t,)](x, cos, sin, out, t, h, x.stride(0), x.stride(1), x.stride(2), sc_b, cos.stride(1),
+                        out.stride(0), out.stride(1), out.stride(2), HALF=d // 2,
+                        BLOCK_H=triton.next_power_of_2(h), BACKWARD=backward, SOFT_BF16=interpreting(),
+                        num_warps=4)
+    return out
 
 
 SWIGLU_BLOCK = 1024

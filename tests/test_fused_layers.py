@@ -1,4 +1,4 @@
-"""The fused RMSNorm and SwiGLU of xpu_llm.finetune against Hugging Face's modules and a float64 reference:
+"""The fused RMSNorm, SwiGLU and rotary embedding of xpu_llm.finetune against Hugging Face's modules and a float64 reference:
 forward and input gradients on random inputs, rows, widths and lengths that are not multiples of the tiles,
 outputs poisoned with NaN; then a low-bit LoRA model with its layers swapped trains to the same loss and adapter
 gradients. On a GPU the compiled
@@ -82,6 +82,40 @@ def test_swiglu_kernels_match_float64(dtype):
     assert rel(h, h64) <= tol and rel(dg, dg64) <= tol and rel(du, du64) <= tol, (rel(h, h64), rel(dg, dg64))
 
 
+def hf_rope_inputs(b: int, h: int, t: int, d: int, dtype: torch.dtype, cos_batch: int, seed: int = 4):
+    """q-like [B, H, T, D] as HF makes it (a transposed view of [B, T, H, D]) and a real LlamaRotaryEmbedding's
+    cos, sin [cos_batch, T, D] at shuffled positions."""
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(b, t, h, d, generator=gen) * 2).to(DEV, dtype).transpose(1, 2)
+    cfg = transformers.LlamaConfig(hidden_size=h * d, num_attention_heads=h, rope_theta=10000.0)
+    emb = transformers.models.llama.modeling_llama.LlamaRotaryEmbedding(cfg).to(DEV)
+    pos = torch.stack([torch.randperm(4 * t, generator=gen)[:t] for _ in range(cos_batch)]).to(DEV)
+    cos, sin = emb(x, pos)
+    return x, cos, sin
+
+
+@here
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("heads,cos_batch", [(5, 3), (8, 1)])
+def test_rope_kernel_matches_float64(dtype, heads, cos_batch):
+    from xpu_llm.finetune import kernels as k
+
+    hf_rope = transformers.models.llama.modeling_llama.apply_rotary_pos_emb
+    x, cos, sin = hf_rope_inputs(3, heads, 13 if DEV.type == "cpu" else 1000, 64, dtype, cos_batch)
+    assert k.rope_supported(x, cos)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(5)).to(DEV, dtype)
+    y = k.rope(x, cos, sin, out=torch.full_like(x, float("nan")))
+    dx = k.rope(dy, cos, sin, backward=True, out=torch.full_like(dy, float("nan")))
+    x64 = x.double().requires_grad_(True)
+    y64, _ = hf_rope(x64, x64, cos.double(), sin.double())
+    dx64, = torch.autograd.grad(y64, x64, dy.double())
+    tol = 1e-6 if dtype == torch.float32 else 4e-3  # one rounding to the output dtype
+    assert y.dtype == dtype and y.stride() == x.stride() and torch.isfinite(y).all() and torch.isfinite(dx).all()
+    assert rel(y, y64) <= tol and rel(dx, dx64) <= tol, (rel(y, y64), rel(dx, dx64))
+    y_hf, _ = hf_rope(x, x, cos, sin)  # HF rounds after each op: about as far from float64 as one rounding
+    assert rel(y_hf, y64) <= 3 * tol
+
+
 @here
 def test_norm_module_forward_backward_and_trainable_weight():
     hf = hf_norm(WIDTH, torch.float32)
@@ -115,8 +149,10 @@ def test_swapped_lora_model_trains_identically():
             if "lora_B" in n:
                 p.normal_(0, 0.05)
     fused = copy.deepcopy(model)
-    assert fuse_layers(fused) == {"norms": 2 * 2 + 1, "mlps": 2}
+    assert fuse_layers(fused) == {"norms": 2 * 2 + 1, "mlps": 2, "attentions": 2}
     assert isinstance(fused.base_model.model.model.layers[0].mlp, FusedSwiGLUMLP)
+    attn = fused.base_model.model.model.layers[1].self_attn
+    assert type(attn).__name__ == "FusedRoPELlamaAttention" and fused.state_dict().keys() == model.state_dict().keys()
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(3)).to(DEV)
     results = []
     for m in (model, fused):
@@ -137,7 +173,7 @@ def test_other_layers_are_left_alone_and_cpu_tensors_take_the_hf_formulas():
     model = nn.ModuleDict({"a": gemma_like, "b": hf_norm(16, torch.float32).cpu(), "c": gelu_mlp,
                            "d": transformers.models.llama.modeling_llama.LlamaMLP(cfg)})
     ref = {k: model[k] for k in "bd"}
-    assert fuse_layers(model) == {"norms": 1, "mlps": 1}
+    assert fuse_layers(model) == {"norms": 1, "mlps": 1, "attentions": 0}
     assert model["a"] is gemma_like and model["c"] is gelu_mlp
     assert isinstance(model["b"], FusedRMSNorm) and isinstance(model["d"], FusedSwiGLUMLP)
     assert model["d"].up_proj is ref["d"].up_proj
