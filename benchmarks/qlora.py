@@ -1,5 +1,6 @@
 # python benchmarks/qlora.py --out benchmarks/results/qlora_gpu.json      (from the repository root, on a GPU)
 # python benchmarks/qlora.py --shapes llama3-8b --engines xpu-llm --profile    (where a step's GPU time goes)
+# python benchmarks/qlora.py --shapes llama3-8b --engines xpu-llm,bnb --uncheckpointed-layers 0,4 --profile
 """QLoRA training speed and peak memory on random weights of a real model shape, side by side in one run:
 xpu-llm (HF model with LowBitLinear nf4 layers + LoRA through xpu_llm.finetune) and transformers + PEFT +
 bitsandbytes NF4 (when bitsandbytes is installed).
@@ -8,8 +9,9 @@ Shapes: `llama3-8b` (Llama-3-8B: 32 layers, 4096 wide, GQA 8, vocab 128256; sequ
 `llama2-7b` (Llama-2-7B, sequence 1024, batch 1: the does-it-fit-in-16-GB check for an Arc A770), `tiny`
 (a CPU smoke run). Every engine: random weights built in bf16 on the device, then quantized layer by layer;
 LoRA r 16 (alpha 32, dropout 0.05) on every linear but the output head, gradient checkpointing
-(non-reentrant), bf16 autocast, torch AdamW on the adapter, loss on every token (random token ids). Each
-engine runs in its own child process (its peak memory is its own; a crash or OOM costs one row).
+(non-reentrant for the bitsandbytes rows, transformers' default), bf16 autocast, torch AdamW on the adapter,
+loss on every token (random token ids), Python's garbage collector run between steps (StepGC, as the trainer
+does). Each engine runs in its own child process (its peak memory is its own; a crash or OOM costs one row).
 
     tokens/s = batch * sequence * timed steps / their wall time (device synchronised), after warm-up steps
     peak     = the device's max_memory_allocated over the timed and warm-up steps (reset after the model is
@@ -17,8 +19,9 @@ engine runs in its own child process (its peak memory is its own; a crash or OOM
 
 Engines:
 - `xpu-llm`: `optimize_model(model, "nf4", 64)` (the untied output head is quantized too, as xpu-llm does),
-  `fuse_layers` (Triton RMSNorm and SwiGLU, as `xpu_llm.finetune.load_base` applies them),
-  `xpu_llm.finetune.add_lora` (whose LoRA update is one addmm); base float weights stay bf16.
+  `fuse_layers` (Triton RMSNorm, SwiGLU and rotary embedding, as `xpu_llm.finetune.load_base` applies them),
+  `checkpoint_layers` (reentrant; the last --uncheckpointed-layers N layers keep their activations, one row
+  per value), `xpu_llm.finetune.add_lora` (whose LoRA update is one in-place addmm); base float weights bf16.
 - `bnb`: the QLoRA recipe of the PEFT/transformers docs: `bnb.nn.Linear4bit` nf4, double quantization, bf16
   compute (what `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
   bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=bfloat16)` builds; the output head stays bf16), then

@@ -89,9 +89,11 @@ def test_kill_and_ctrl_c_then_resume_give_the_same_loss_curve(tiny_chat_model, r
 
 LAUNCHES = {"ddp": ("multi_cpu.yaml", None), "zero2": ("deepspeed_zero2.yaml", "ds_zero2.json"),
             "zero3": ("deepspeed_zero3.yaml", "ds_zero3.json")}
-# ZeRO-3 also recomputes layer 0 (its packed, partitioned weights dequantized in the recompute and kept for its
-# backward) while layer 1 keeps its activations: the losses must not change.
-EXTRA = {"zero3": ("--gradient-checkpointing", "--uncheckpointed-layers", "1")}
+# Against the single process without checkpointing: DDP recomputes both layers (reentrant checkpointing, the
+# default), ZeRO-2 and ZeRO-3 recompute layer 0 (under ZeRO-3 its packed, partitioned weights dequantized in the
+# recompute and kept for its backward) while layer 1 keeps its activations. The losses must not change.
+KEEP_LAST = ("--gradient-checkpointing", "--uncheckpointed-layers", "1")
+EXTRA = {"ddp": ("--gradient-checkpointing",), "zero2": KEEP_LAST, "zero3": KEEP_LAST}
 
 
 @pytest.mark.parametrize("kind", list(LAUNCHES))
