@@ -14,7 +14,8 @@ __all__ = ["add_lora", "lora_config", "load_adapter", "LowBitLoraLinear", "load_
            "fuse_layers", "checkpoint_layers"]
 
 _WHERE = {"add_lora": "lora", "lora_config": "lora", "load_adapter": "lora", "LowBitLoraLinear": "lora",
-          "load_base": "model", "checkpoint_layers": "model", "load_tokenizer": "model", "dequantize_linears": "model", "export": "export",
+          "load_base": "model", "checkpoint_layers": "model", "load_tokenizer": "model",
+          "dequantize_linears": "model", "export": "export",
           "PackedLowBitLinear": "storage", "pack_low_bit_layers": "storage", "fuse_layers": "fused"}
 
 

@@ -51,7 +51,8 @@ def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="the last N decoder layers keep their activations instead of recomputing them (speed for "
                         "memory: ~0.75 GiB per layer at Llama-3-8B, seq 1024, batch 4)")
     t.add_argument("--fused-layers", action=argparse.BooleanOptionalAction, default=True,
-                   help="Triton RMSNorm and SwiGLU on GPUs (xpu_llm.finetune.fuse_layers; no effect on CPUs)")
+                   help="Triton RMSNorm, SwiGLU and rotary embedding on GPUs (xpu_llm.finetune.fuse_layers; "
+                        "no effect on CPUs)")
     t.add_argument("--seed", type=int, default=0)
 
     o = p.add_argument_group("output")

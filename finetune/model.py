@@ -42,8 +42,8 @@ def load_base(path: str, low_bit: str | None = "nf4", group_size: int = 64, dtyp
               gradient_checkpointing: bool = True, modules_to_not_convert: list[str] | None = None,
               fuse: bool = True, uncheckpointed_layers: int = 0) -> nn.Module:
     """HF model with frozen low-bit linears (None: dense), every base parameter frozen, KV cache off and,
-    optionally, gradient checkpointing (see checkpoint_layers) and fused RMSNorms and SwiGLU gates (Triton on
-    GPUs; the same formulas elsewhere, see fused.py)."""
+    optionally, gradient checkpointing (see checkpoint_layers) and fused RMSNorms, SwiGLU gates and rotary
+    embeddings (Triton on GPUs; the same formulas elsewhere, see fused.py)."""
     from ..hf import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, load_in_low_bit=low_bit, group_size=group_size, dtype=dtype,

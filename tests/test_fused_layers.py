@@ -1,8 +1,8 @@
-"""The fused RMSNorm, SwiGLU and rotary embedding of xpu_llm.finetune against Hugging Face's modules and a float64 reference:
-forward and input gradients on random inputs, rows, widths and lengths that are not multiples of the tiles,
-outputs poisoned with NaN; then a low-bit LoRA model with its layers swapped trains to the same loss and adapter
-gradients. On a GPU the compiled
-kernels run; without one, the same kernels run on CPU tensors through Triton's interpreter (a child process)."""
+"""The fused RMSNorm, SwiGLU and rotary embedding of xpu_llm.finetune against Hugging Face's modules and a
+float64 reference: forward and input gradients on random inputs, rows, widths and lengths that are not multiples
+of the tiles, outputs poisoned with NaN; then a low-bit LoRA model with its layers swapped trains to the same
+loss and adapter gradients. On a GPU the compiled kernels run; without one, the same kernels run on CPU tensors
+through Triton's interpreter (a child process)."""
 from __future__ import annotations
 
 import pytest

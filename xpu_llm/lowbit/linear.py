@@ -24,10 +24,11 @@ class FrozenMatmul(torch.autograd.Function):
     backward is grad @ W (for QLoRA; no weight gradient).
 
     A layer inside a gradient-checkpointed block may be marked `keep_weight_for_backward` (finetune's
-    `checkpoint_layers` does it): in training mode its forward dequantizes W and saves it. Non-reentrant
-    checkpointing drops saved tensors in the first forward and holds the recompute's until the block's backward,
-    so W is dequantized twice a step (forward, recompute) instead of three times, for one layer's weights of
-    extra memory. Outside checkpointing that flag would keep every W alive: leave it off there."""
+    `checkpoint_layers` does it): in training mode, with autograd on, its forward dequantizes W and saves it.
+    Checkpointing saves nothing from the first forward (reentrant: it runs without autograd; non-reentrant: it
+    drops what is saved) and holds the recompute's saved tensors until the block's backward, so W is unpacked
+    twice a step (forward, recompute) instead of three times, for one layer's weights of extra memory. Outside
+    checkpointing that flag would keep every W alive: leave it off there."""
 
     @staticmethod
     def forward(ctx, x2d: Tensor, layer: nn.Module, matmul: Callable[[Tensor, nn.Module], Tensor]) -> Tensor:
