@@ -5,7 +5,8 @@
 
 Pieces: lora.py (PEFT's custom-layer hook for LowBitLinear), storage.py (ZeRO-3-partitionable packed weights),
 data.py (JSONL -> answer-only labels, packing, global batches), train.py (the `accelerate launch` entry),
-checkpoint.py (atomic resumable checkpoints), fused.py + kernels.py (Triton RMSNorm and SwiGLU for training),
+checkpoint.py (atomic resumable checkpoints), fused.py + kernels.py (Triton RMSNorm, SwiGLU and rotary embedding
+for training), model.py (the frozen base, gradient checkpointing), gc_steps.py (garbage collection between steps),
 export.py (adapter -> engine low-bit folder), configs/."""
 from __future__ import annotations
 
