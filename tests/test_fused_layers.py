@@ -181,3 +181,23 @@ def test_other_layers_are_left_alone_and_cpu_tensors_take_the_hf_formulas():
         x = torch.randn(5, 16, dtype=torch.bfloat16)
         assert torch.equal(model["b"](x), ref["b"](x))
         assert torch.equal(model["d"](x.float()), ref["d"](x.float()))
+
+
+def test_fused_attention_keeps_hf_behaviour_with_a_kv_cache():
+    """Generation passes a KV cache: the swapped attention hands such calls to HF's own forward, so greedy
+    generation (and, on CPU tensors outside the interpreter, every logit) is HF's."""
+    import copy
+
+    cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=64, initializer_range=0.3)
+    torch.manual_seed(0)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    fused = copy.deepcopy(hf)
+    assert fuse_layers(fused)["attentions"] == 2
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a = hf.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        b = fused.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(a, b)
+        if not interpreter.IN_CHILD:
+            assert torch.equal(hf(ids, use_cache=False).logits, fused(ids, use_cache=False).logits)
