@@ -34,7 +34,7 @@ SILU = ("SiLUActivation", "SiLU")
 # HF attention classes whose forward is q/k/v projections, apply_rotary_pos_emb (rotate_half), the KV cache, the
 # attention interface and o_proj, with nothing else in between (Mistral/Qwen2 add a sliding window, Qwen3 q/k
 # norms: not listed).
-ROPE_ATTENTIONS = frozenset(("LlamaAttention",))
+ROPE_ATTENTIONS = {"LlamaAttention": "transformers.models.llama.modeling_llama"}  # class -> its module
 
 
 @functools.cache
@@ -178,9 +178,20 @@ def _rope_attention_forward(self, hidden_states: Tensor, position_embeddings=Non
 
 @functools.cache
 def _rope_attention_class(hf_cls: type) -> type:
-    """A subclass of the HF attention class with the fused-rope forward (one per HF class)."""
+    """A subclass of the HF attention class with the fused-rope forward (one per HF class), findable by name in
+    this module (module __getattr__), so models holding it pickle and deep-copy."""
     return type(f"FusedRoPE{hf_cls.__name__}", (hf_cls,), {"forward": _rope_attention_forward,
                                                            "__module__": __name__})
+
+
+def __getattr__(name: str) -> type:
+    # FusedRoPE<HF class>, built on first lookup (unpickling in a fresh process looks it up here).
+    hf_name = name.removeprefix("FusedRoPE")
+    if name.startswith("FusedRoPE") and hf_name in ROPE_ATTENTIONS:
+        import importlib
+
+        return _rope_attention_class(getattr(importlib.import_module(ROPE_ATTENTIONS[hf_name]), hf_name))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
@@ -195,7 +206,7 @@ def fuse_layers(model: nn.Module, norms: bool = True, mlps: bool = True, rope: b
     counts = {"norms": 0, "mlps": 0, "attentions": 0}
     for name, mod in list(model.named_modules()):
         kind = type(mod).__name__
-        if rope and kind in ROPE_ATTENTIONS and type(mod).__module__.startswith("transformers."):
+        if rope and type(mod).__module__ == ROPE_ATTENTIONS.get(kind):
             hf = sys.modules[type(mod).__module__]
             if all(hasattr(hf, a) for a in ("apply_rotary_pos_emb", "ALL_ATTENTION_FUNCTIONS",
                                             "eager_attention_forward")):

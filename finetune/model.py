@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import weakref
 from typing import Any
 
 import torch
@@ -64,7 +65,8 @@ def checkpoint_layers(model: nn.Module, uncheckpointed: int = 0, reentrant: bool
     `uncheckpointed`, which keep their activations: memory for speed (at the Llama-3-8B shape, sequence 1024,
     batch 4, about 0.75 GiB per layer). The last ones, because their backward runs first and frees that memory
     before any recompute allocates. The low-bit linears of checkpointed layers keep the weight that the
-    recompute dequantized for their backward (FrozenMatmul). Returns the number of checkpointed layers.
+    recompute dequantized for their backward, for as long as HF's flag says the block checkpoints (FrozenMatmul,
+    keeps_weight). Returns the number of checkpointed layers.
 
     Reentrant by default: its first forward runs without autograd, which on the 8B shape took 5-12% less host
     time a step than the non-reentrant kind (H200, alternating runs), and QLoRA steps there wait on the host.
@@ -77,6 +79,10 @@ def checkpoint_layers(model: nn.Module, uncheckpointed: int = 0, reentrant: bool
     if not getattr(model, "supports_gradient_checkpointing", False):
         raise XpuLLMError(f"{type(model).__name__} does not support gradient checkpointing; "
                           "pass --no-gradient-checkpointing")
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not 0 <= uncheckpointed <= len(layers):
+        raise XpuLLMError(f"--uncheckpointed-layers {uncheckpointed}: the model has {len(layers)} decoder "
+                          f"layers; pass 0 to {len(layers)}")
     kwargs = {"use_reentrant": reentrant}
     if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns there
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
@@ -84,15 +90,11 @@ def checkpoint_layers(model: nn.Module, uncheckpointed: int = 0, reentrant: bool
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if reentrant:
         model.enable_input_require_grads()
-    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    if not 0 <= uncheckpointed <= len(layers):
-        raise XpuLLMError(f"--uncheckpointed-layers {uncheckpointed}: the model has {len(layers)} decoder "
-                          f"layers; pass 0 to {len(layers)}")
     for i, layer in enumerate(layers):
-        layer.gradient_checkpointing = on = i < len(layers) - uncheckpointed
+        layer.gradient_checkpointing = i < len(layers) - uncheckpointed
         for m in layer.modules():
             if isinstance(m, LOW_BIT_LAYERS):
-                m.keep_weight_for_backward = on
+                m.recompute_owner = weakref.ref(layer)
     return len(layers) - uncheckpointed
 
 

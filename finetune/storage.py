@@ -8,6 +8,7 @@ frozen weight, and checkpoints that skip frozen parameters skip it. The matmul d
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +46,7 @@ class PackedLowBitLinear(nn.Module):
         self.bias = (nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
                      if bias else None)
         self.kernel_dtype = None
-        self.keep_weight_for_backward = False  # see FrozenMatmul; set only inside checkpointed blocks
+        self.recompute_owner: Callable[[], nn.Module | None] | None = None  # see lowbit.linear.keeps_weight
 
     @classmethod
     def from_lowbit(cls, layer: LowBitLinear, storage_dtype: torch.dtype = torch.uint8) -> "PackedLowBitLinear":
@@ -84,6 +85,9 @@ class PackedLowBitLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return frozen_forward(self, x, _dequant_matmul)
 
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "recompute_owner": None}  # a weak reference (see keeps_weight): not copied
+
     def _apply(self, fn, recurse=True):
         # Device moves apply to the storage, dtype casts never do (the bytes are a format, not numbers).
         packed = self.packed
@@ -109,7 +113,7 @@ def pack_low_bit_layers(model: nn.Module, storage_dtype: torch.dtype = torch.uin
         if type(mod) is LowBitLinear:
             parent, _, child = name.rpartition(".")
             new = PackedLowBitLinear.from_lowbit(mod, storage_dtype)
-            new.kernel_dtype, new.keep_weight_for_backward = mod.kernel_dtype, mod.keep_weight_for_backward
+            new.kernel_dtype, new.recompute_owner = mod.kernel_dtype, mod.recompute_owner
             setattr(model.get_submodule(parent) if parent else model, child, new)
             n += 1
     return n

@@ -123,6 +123,7 @@ def test_checkpointed_layers_reuse_the_recomputed_weight_in_backward(tiny_chat_m
     dequantizes, and backward reuses that W), layer 1 keeps its activations, runs the kernel forward and
     dequantizes in backward; the gradients are those without checkpointing."""
     from xpu_llm.finetune import checkpoint_layers
+    from xpu_llm.lowbit.linear import keeps_weight
 
     model = low_bit_model(tiny_chat_model, "nf4")
     pm = add_lora(model, r=8, lora_alpha=16)
@@ -135,7 +136,7 @@ def test_checkpointed_layers_reuse_the_recomputed_weight_in_backward(tiny_chat_m
     for name, m in model.named_modules():
         if isinstance(m, (LowBitLinear, PackedLowBitLinear)):
             m.name = name
-            assert m.keep_weight_for_backward == (".layers.0." in name), name
+            assert keeps_weight(m) == (".layers.0." in name), name
     seen = weight_passes(monkeypatch)
     loss_ck, grads_ck = loss_and_grads(pm)
     assert len(seen) == 14
@@ -154,6 +155,9 @@ def test_checkpointed_layers_reuse_the_recomputed_weight_in_backward(tiny_chat_m
     assert all(p == (["dq", "dq"] if packed else ["mm", "dq"]) for p in seen.values()), seen
     with pytest.raises(XpuLLMError, match="pass 0 to 2"):
         checkpoint_layers(model, 3)
+    pm.train()  # checkpointing turned off through HF's API: no layer keeps its weight any more
+    (getattr(model, "activation_checkpointing_disable", None) or model.gradient_checkpointing_disable)()
+    assert not any(keeps_weight(m) for m in model.modules() if isinstance(m, (LowBitLinear, PackedLowBitLinear)))
 
 
 @pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])

@@ -201,3 +201,35 @@ def test_fused_attention_keeps_hf_behaviour_with_a_kv_cache():
         assert torch.equal(a, b)
         if not interpreter.IN_CHILD:
             assert torch.equal(hf(ids, use_cache=False).logits, fused(ids, use_cache=False).logits)
+
+
+def test_fused_checkpointed_lora_model_copies_and_pickles():
+    """A model with fused layers, checkpointing and LoRA deep-copies with the same logits, and its swapped
+    attention and low-bit layers pickle (PEFT's model itself does not: HF's input-grad hook is a local function);
+    the weak links for weight keeping are not copied (only a speed hint)."""
+    import copy
+    import pickle
+
+    import xpu_llm
+    from xpu_llm.finetune import add_lora, checkpoint_layers
+    from xpu_llm.lowbit.linear import keeps_weight
+
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=128, initializer_range=0.2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    model.requires_grad_(False)
+    xpu_llm.optimize_model(model, low_bit="nf4", group_size=32)
+    fuse_layers(model)
+    checkpoint_layers(model, 1)
+    layer0 = model.model.layers[0]
+    assert keeps_weight(layer0.self_attn.q_proj) and not keeps_weight(model.model.layers[1].self_attn.q_proj)
+    model = add_lora(model, r=4, lora_alpha=8).eval()
+    ids = torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        assert torch.equal(copy.deepcopy(model)(input_ids=ids).logits, before)
+    attn = pickle.loads(pickle.dumps(layer0.self_attn))
+    assert type(attn) is type(layer0.self_attn) and type(attn).__name__ == "FusedRoPELlamaAttention"
+    assert attn.q_proj.base_layer.recompute_owner is None and not keeps_weight(attn.q_proj.base_layer.train())
+    assert torch.equal(attn.q_proj.base_layer.qweight, layer0.self_attn.q_proj.base_layer.qweight)

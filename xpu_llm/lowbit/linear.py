@@ -23,17 +23,16 @@ class FrozenMatmul(torch.autograd.Function):
     """x2d @ W.T with a frozen low-bit W, through `matmul(x2d, layer)`: the kernels have no autograd formula, so
     backward is grad @ W (for QLoRA; no weight gradient).
 
-    A layer inside a gradient-checkpointed block may be marked `keep_weight_for_backward` (finetune's
-    `checkpoint_layers` does it): in training mode, with autograd on, its forward dequantizes W and saves it.
-    Checkpointing saves nothing from the first forward (reentrant: it runs without autograd; non-reentrant: it
-    drops what is saved) and holds the recompute's saved tensors until the block's backward, so W is unpacked
-    twice a step (forward, recompute) instead of three times, for one layer's weights of extra memory. Outside
-    checkpointing that flag would keep every W alive: leave it off there."""
+    A layer whose block is checkpointed right now keeps W (see keeps_weight): in training mode, with autograd
+    on, its forward dequantizes W and saves it. Checkpointing saves nothing from the first forward (reentrant: it
+    runs without autograd; non-reentrant: it drops what is saved) and holds the recompute's saved tensors until
+    the block's backward, so W is unpacked twice a step (forward, recompute) instead of three times, for one
+    layer's weights of extra memory."""
 
     @staticmethod
     def forward(ctx, x2d: Tensor, layer: nn.Module, matmul: Callable[[Tensor, nn.Module], Tensor]) -> Tensor:
         ctx.layer = layer
-        if layer.keep_weight_for_backward and layer.training:
+        if keeps_weight(layer):
             w = layer.dequantize_weight(x2d.dtype)
             ctx.save_for_backward(w)
             return F.linear(x2d, w)
@@ -43,6 +42,15 @@ class FrozenMatmul(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         (w,) = ctx.saved_tensors or (ctx.layer.dequantize_weight(grad.dtype),)
         return grad @ w.to(grad.dtype), None, None
+
+
+def keeps_weight(layer: nn.Module) -> bool:
+    """Whether a training low-bit `layer` keeps its dequantized W for backward: it was linked to its decoder block
+    (`recompute_owner`, a weak reference; finetune's checkpoint_layers sets it) and that block checkpoints now
+    (Hugging Face's `gradient_checkpointing` flag, so turning checkpointing off through HF's API stops the keeping:
+    outside checkpointing every W would stay alive until backward)."""
+    owner = layer.recompute_owner() if layer.recompute_owner is not None else None
+    return owner is not None and layer.training and bool(getattr(owner, "gradient_checkpointing", False))
 
 
 def frozen_forward(layer: nn.Module, x: Tensor, matmul: Callable[[Tensor, nn.Module], Tensor]) -> Tensor:
@@ -86,7 +94,7 @@ class LowBitLinear(nn.Module):
         # dtype, exactly): torch.int8 = the native integer path (activations rounded to int8 per block of 32),
         # torch.bfloat16 = PyTorch's packed kernels. LLM(dtype="auto") sets one on float32 CPU models.
         self.kernel_dtype: torch.dtype | None = None
-        self.keep_weight_for_backward = False  # see FrozenMatmul; set only inside checkpointed blocks
+        self.recompute_owner: Callable[[], nn.Module | None] | None = None  # see keeps_weight
 
     # ------------------------------------------------------------------------------------------ construction
     @classmethod
@@ -185,6 +193,9 @@ class LowBitLinear(nn.Module):
             self.unprepare()  # the kernel state would be stale
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "recompute_owner": None}  # a weak reference (see keeps_weight): not copied
 
     def _apply(self, fn, recurse=True):
         # Device moves apply to the format's buffers, dtype casts (model.to(bf16), .half()) never do:
