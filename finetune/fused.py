@@ -137,9 +137,12 @@ class _RoPEFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dq: Tensor, dk: Tensor):
         cos, sin = ctx.saved_tensors
-        rope = _kernels().rope
-        dq = rope(dq.contiguous(), cos, sin, backward=True) if ctx.needs_input_grad[0] else None
-        dk = rope(dk.contiguous(), cos, sin, backward=True) if ctx.needs_input_grad[1] else None
+
+        def rope_t(d: Tensor) -> Tensor:  # the kernel takes any layout with contiguous head_dim: no copy
+            return _kernels().rope(d if d.stride(-1) == 1 else d.contiguous(), cos, sin, backward=True)
+
+        dq = rope_t(dq) if ctx.needs_input_grad[0] else None
+        dk = rope_t(dk) if ctx.needs_input_grad[1] else None
         return dq, dk, None, None
 
 
