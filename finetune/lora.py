@@ -4,7 +4,9 @@ and TRL's `SFTTrainer` work on a model whose linears are `LowBitLinear`, and ada
 format that loads onto the plain float model."""
 from __future__ import annotations
 
+import functools
 import logging
+import os
 from collections.abc import Iterable
 from typing import Any
 
@@ -14,6 +16,7 @@ from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
+from ..device import is_gpu
 from ..errors import XpuLLMError
 from ..lowbit.linear import LowBitLinear
 from .storage import PackedLowBitLinear
@@ -42,6 +45,29 @@ def layer_device(layer: nn.Module) -> torch.device:
     return t.device
 
 
+@functools.cache
+def _dropout_kernels():
+    """finetune.lora_dropout, or None where Triton is not importable."""
+    try:
+        from . import lora_dropout
+    except ImportError as e:  # CPU-only installs without Triton
+        log.debug("Triton not importable (%s): LoRA dropout runs unfused", e)
+        return None
+    return lora_dropout
+
+
+def lora_a(a: nn.Module, dropout: nn.Module, x2d: torch.Tensor) -> torch.Tensor:
+    """a(dropout(x2d)): through lora_dropout's fused kernels when dropout is active and the kernels take the
+    input (a GPU tensor, or a CPU one under Triton's interpreter), so neither the dropped-out input nor its mask
+    is written or kept for backward; PEFT's modules otherwise, or when XPU_LLM_FUSED_LORA_DROPOUT=0."""
+    k = _dropout_kernels()
+    if (k is not None and os.environ.get("XPU_LLM_FUSED_LORA_DROPOUT", "1") != "0" and type(dropout) is nn.Dropout and dropout.training and dropout.p > 0
+            and type(a) is nn.Linear and a.bias is None and not hasattr(a.weight, "ds_id")
+            and (is_gpu(x2d.device) or x2d.device.type == "cpu" and k.interpreting()) and k.supported(x2d, a.weight)):
+        return k.DropoutLoraA.apply(x2d, a.weight, dropout.p)
+    return a(dropout(x2d))
+
+
 class LowBitLoraLinear(PeftLoraLinear):
     """PEFT's `lora.Linear` around a frozen low-bit base: y = base(x) + B(A(dropout(x))) * scaling. The base's
     backward gives only the input gradient (from the dequantized weight); merging dequantizes, adds B @ A *
@@ -68,7 +94,8 @@ class LowBitLoraLinear(PeftLoraLinear):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """PEFT's forward, with each plain-LoRA update folded into one GEMM: y = base(x) + scaling * A(dropout(x))
         @ B^T is `base(x).addmm_(h, B^T, alpha=scaling)`, so neither the B product nor `* scaling` is written out
-        as a separate [tokens, out] tensor, in forward or backward. Everything else (merged or disabled
+        as a separate [tokens, out] tensor, in forward or backward; active dropout is fused into A's product
+        (`lora_a`). Everything else (merged or disabled
         adapters, mixed batches, lora_bias, B partitioned by ZeRO-3) takes PEFT's own path."""
         if args or kwargs or self.disable_adapters or self.merged or not self._fused_ok():
             return super().forward(x, *args, **kwargs)
@@ -80,7 +107,7 @@ class LowBitLoraLinear(PeftLoraLinear):
             if name not in self.lora_A:
                 continue
             a, b = self.lora_A[name], self.lora_B[name]
-            h = a(self.lora_dropout[name](self._cast_input_dtype(x2d, a.weight.dtype)))
+            h = lora_a(a, self.lora_dropout[name], self._cast_input_dtype(x2d, a.weight.dtype))
             if out.dtype == h.dtype and out._base is None:
                 # In place: an out-of-place addmm first copies `out` (a [tokens, out] memcpy per layer and pass).
                 # In-place ops skip autocast, so B is cast here as autocast would cast it.

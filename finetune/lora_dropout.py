@@ -1,0 +1,213 @@
+"""LoRA's input dropout fused into its A product: h = (dropout(x) @ A^T), forward and backward, without writing
+the dropped-out input or its mask.
+
+PEFT computes lora_A(dropout(x)) for every adapted linear: a pass that writes x * mask / (1 - p) and a boolean
+mask over the whole [tokens, in_features] input, which autograd then keeps for the backward of A (and, with
+gradient checkpointing, recomputes). At the Llama-3-8B shape with r 16 that is 7 such tensors per layer (the
+q/k/v and gate/up projections each draw their own mask over the same input), about 0.42 GiB a layer kept, and
+~25 ms of a 0.4 s step spent writing and reading them. Here the mask is a pure function of (seed, row, column):
+each kernel that needs it draws it again in registers (Philox-4x32, 7 rounds: Salmon et al. 2011 found it
+passes BigCrush from 7 rounds; 16 bits per element, 8 elements per Philox call), so the forward reads x once
+and the backward keeps only x, which the caller holds anyway, and one integer seed.
+
+The seed is drawn from torch's CPU generator when the forward runs, so `torch.manual_seed` fixes the masks, and
+activation checkpointing (which restores the RNG states before it recomputes) replays them. p is rounded to a multiple of 2^-16 (at most 7.6e-6 off) and the kept values are scaled by
+1 / (1 - that p), so the expectation is exactly x. The masks are not PEFT's (another random stream), only
+distributed like them.
+
+Portable Triton: the same source runs on NVIDIA and Intel GPUs and, under TRITON_INTERPRET=1, on CPU tensors
+(the tests)."""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ..lowbit.kernels.triton_common import cast
+from ..lowbit.kernels.triton_gemv import soft_bf16 as interpreting
+
+COLS = 64  # the mask is drawn per block of 64 columns of one row; every kernel tiles the input's columns by it
+ROUNDS = 7  # Philox rounds
+DTYPES = (torch.bfloat16, torch.float16)
+# (rows per program or step, warps) of the forward and the backward
+FWD, BWD = (16, 4), (64, 4)
+
+
+def threshold(p: float) -> int:
+    """p in 16-bit units: an element is kept when its 16 random bits are >= this."""
+    assert 0.0 <= p < 1.0, f"dropout probability must be in [0, 1), got {p}"
+    return min(round(p * 65536), 65535)
+
+
+def keep_scale(p: float) -> float:
+    """1 / (1 - p as the kernels apply it)."""
+    return 65536.0 / (65536 - threshold(p))
+
+
+@triton.jit
+def _keep(seed, rows, kb, n_kb, p16, BT: tl.constexpr, ROUNDS: tl.constexpr):
+    """Keep mask [BT, COLS] of rows `rows` [BT] (int64) in column block kb: one Philox call per 8 elements, its
+    four 32-bit words split into 16-bit halves. The layout below defines which bits feed which column."""
+    lane = tl.arange(0, 8)
+    off = (rows[:, None] * n_kb + kb) * 8 + lane[None, :]
+    r0, r1, r2, r3 = tl.randint4x(seed, off, ROUNDS)
+    r = tl.reshape(tl.join(tl.join(r0, r1), tl.join(r2, r3)), (BT, 32))
+    h = tl.reshape(tl.join(r & 0xFFFF, r >> 16), (BT, 64)).to(tl.int32)
+    return h >= p16
+
+
+@triton.jit
+def _dot(a, b, acc, SOFT_BF16: tl.constexpr):
+    if SOFT_BF16:  # the interpreter multiplies in float32 (numpy has no bfloat16)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _fwd(x_ptr, a_ptr, seed, h_ptr, T, K, R, n_kb, p16, scale, BT: tl.constexpr, RP: tl.constexpr,
+         ROUNDS: tl.constexpr, SOFT_BF16: tl.constexpr):
+    """h [T, R] = (x * keep) [T, K] @ a^T [K, R] * scale, with a rounded to x's dtype (as autocast casts A for
+    its matmul); a program owns BT rows and loops over K."""
+    rows = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
+    cols = tl.arange(0, 64)
+    rr = tl.arange(0, RP)
+    acc = tl.zeros((BT, RP), tl.float32)
+    for kb in range(0, n_kb):
+        k = kb * 64 + cols
+        x = tl.load(x_ptr + rows[:, None] * K + k[None, :], mask=(rows < T)[:, None] & (k < K)[None, :], other=0.0)
+        x = tl.where(_keep(seed, rows, kb, n_kb, p16, BT, ROUNDS), x, 0.0)
+        at = tl.load(a_ptr + rr[None, :] * K + k[:, None], mask=(rr < R)[None, :] & (k < K)[:, None], other=0.0)
+        acc = _dot(x, cast(at.to(tl.float32), x_ptr.dtype.element_ty, SOFT_BF16), acc, SOFT_BF16)
+    tl.store(h_ptr + rows[:, None] * R + rr[None, :], cast(acc * scale, h_ptr.dtype.element_ty, SOFT_BF16),
+             mask=(rows < T)[:, None] & (rr < R)[None, :])
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _bwd(dh_ptr, x_ptr, a_ptr, seed, dx_ptr, part_ptr, T, K, R, n_kb, rows_per_split, p16, scale,
+         BT: tl.constexpr, RP: tl.constexpr, ROUNDS: tl.constexpr, SOFT_BF16: tl.constexpr, WANT_DX: tl.constexpr,
+         WANT_DA: tl.constexpr):
+    """Both gradients of _fwd in one pass over the mask: dx [T, K] = (dh @ a) * keep * scale, and
+    part[s, :, block] = scale * dh[rows of s]^T @ (x * keep)[rows of s, block] (float32 partial sums of a's
+    gradient). A program owns one split of the rows and one column block."""
+    s = tl.program_id(0)
+    kb = tl.program_id(1)
+    k = kb * 64 + tl.arange(0, 64)
+    rr = tl.arange(0, RP)
+    if WANT_DX:
+        a = tl.load(a_ptr + rr[:, None] * K + k[None, :], mask=(rr < R)[:, None] & (k < K)[None, :], other=0.0)
+        a = cast(a.to(tl.float32), dh_ptr.dtype.element_ty, SOFT_BF16)
+    da = tl.zeros((RP, 64), tl.float32)
+    r_begin = s.to(tl.int64) * rows_per_split
+    r_end = tl.minimum(r_begin + rows_per_split, T)
+    for r0 in range(r_begin, r_end, BT):
+        rows = r0 + tl.arange(0, BT)
+        rm = rows < r_end
+        keep = _keep(seed, rows, kb, n_kb, p16, BT, ROUNDS)
+        dh = tl.load(dh_ptr + rows[:, None] * R + rr[None, :], mask=rm[:, None] & (rr < R)[None, :], other=0.0)
+        if WANT_DX:
+            dx = tl.where(keep, _dot(dh, a, tl.zeros((BT, 64), tl.float32), SOFT_BF16) * scale, 0.0)
+            tl.store(dx_ptr + rows[:, None] * K + k[None, :], cast(dx, dx_ptr.dtype.element_ty, SOFT_BF16),
+                     mask=rm[:, None] & (k < K)[None, :])
+        if WANT_DA:
+            x = tl.load(x_ptr + rows[:, None] * K + k[None, :], mask=rm[:, None] & (k < K)[None, :], other=0.0)
+            da = _dot(tl.trans(dh), tl.where(keep, x, 0.0), da, SOFT_BF16)
+    if WANT_DA:
+        tl.store(part_ptr + (s * R + rr[:, None]) * K + k[None, :], da * scale, mask=(rr < R)[:, None] & (k < K)[None, :])
+
+
+@triton.jit(do_not_specialize=["seed"])
+def _mask(seed, out_ptr, T, K, n_kb, p16, BT: tl.constexpr, ROUNDS: tl.constexpr):
+    """The keep mask itself as uint8 [T, K] (tests and inspection; training never writes it)."""
+    rows = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
+    kb = tl.program_id(1)
+    k = kb * 64 + tl.arange(0, 64)
+    keep = _keep(seed, rows, kb, n_kb, p16, BT, ROUNDS)
+    tl.store(out_ptr + rows[:, None] * K + k[None, :], keep.to(tl.uint8), mask=(rows < T)[:, None] & (k < K)[None, :])
+
+
+def _rank_pad(r: int) -> int:
+    return max(16, triton.next_power_of_2(r))
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    from ..device import device_module
+    mod = device_module(device)
+    props = getattr(mod, "get_device_properties", None) if mod is not None else None
+    if props is None:
+        return 4
+    p = props(device)
+    return getattr(p, "multi_processor_count", None) or getattr(p, "gpu_subslice_count", None) or 64
+
+
+def supported(x2d: Tensor, a: Tensor) -> bool:
+    """Shapes and dtypes the kernels take: a contiguous 2-D bf16 / fp16 input, A [R <= 128, K] of the same K."""
+    return (x2d.dim() == 2 and x2d.is_contiguous() and x2d.dtype in DTYPES and a.dim() == 2
+            and a.shape[1] == x2d.shape[1] and a.shape[0] <= 128 and x2d.shape[0] > 0)
+
+
+def forward(x2d: Tensor, a: Tensor, seed: int, p: float) -> Tensor:
+    """dropout(x2d) @ a^T with the mask of `seed` (see draw_seed); a contiguous, any float dtype."""
+    t, k = x2d.shape
+    r = a.shape[0]
+    h = torch.empty((t, r), dtype=x2d.dtype, device=x2d.device)
+    bt, warps = FWD
+    _fwd[(triton.cdiv(t, bt),)](x2d, a, seed, h, t, k, r, triton.cdiv(k, COLS), threshold(p), keep_scale(p), BT=bt,
+                                 RP=_rank_pad(r), ROUNDS=ROUNDS, SOFT_BF16=interpreting(), num_warps=warps)
+    return h
+
+
+def backward(dh: Tensor, x2d: Tensor, a: Tensor, seed: int, p: float, want_dx: bool = True,
+             want_da: bool = True) -> tuple[Tensor | None, Tensor | None]:
+    """Gradients of h = forward(x2d, a, seed, p) for the incoming dh [T, R] (contiguous): x2d's, (dh @ a) * keep /
+    (1 - p) in x2d's dtype, and a's, dh^T @ (x2d * keep) / (1 - p) in float32. The rows are split over enough
+    programs to fill the device; a's float32 partial sums are added in a fixed order (deterministic)."""
+    t, r = dh.shape
+    k = x2d.shape[1]
+    (bt, warps), n_kb = BWD, triton.cdiv(k, COLS)
+    splits = max(1, min(triton.cdiv(2 * _sm_count(x2d.device), n_kb), triton.cdiv(t, 4 * bt)))
+    per = triton.cdiv(triton.cdiv(t, splits), bt) * bt
+    splits = triton.cdiv(t, per)
+    dx = torch.empty((t, k), dtype=x2d.dtype, device=x2d.device) if want_dx else None
+    part = torch.empty((splits, r, k), dtype=torch.float32, device=x2d.device) if want_da else None
+    _bwd[(splits, n_kb)](dh, x2d, a, seed, dx, part, t, k, r, n_kb, per, threshold(p), keep_scale(p), BT=bt,
+                         RP=_rank_pad(r), ROUNDS=ROUNDS, SOFT_BF16=interpreting(), WANT_DX=want_dx, WANT_DA=want_da,
+                         num_warps=warps)
+    return dx, None if part is None else part[0] if splits == 1 else part.sum(0)
+
+
+def keep_mask(seed: int, rows: int, cols: int, p: float, device: torch.device) -> Tensor:
+    """The keep mask [rows, cols] (bool) that `seed` gives the kernels above."""
+    out = torch.empty((rows, cols), dtype=torch.uint8, device=device)
+    bt, n_kb = 16, triton.cdiv(cols, COLS)
+    _mask[(triton.cdiv(rows, bt), n_kb)](seed, out, rows, cols, n_kb, threshold(p), BT=bt, ROUNDS=ROUNDS)
+    return out.bool()
+
+
+def draw_seed() -> int:
+    """A seed from torch's CPU generator: fixed by torch.manual_seed and replayed by checkpoint recomputation
+    (which restores the CPU RNG state too); no device work, no sync. In [2^32, 2^62), so the kernels always take it
+    as one int64 argument (no recompilation per value)."""
+    return int(torch.randint(1 << 32, 1 << 62, (1,)).item())
+
+
+class DropoutLoraA(torch.autograd.Function):
+    """h = dropout(x2d, p) @ a_weight^T in x2d's dtype (a_weight rounded to it in the kernels, as autocast casts A
+    for its matmul); the backward gives x2d's and a_weight's gradients (the latter in float32)."""
+
+    @staticmethod
+    def forward(ctx, x2d: Tensor, a_weight: Tensor, p: float) -> Tensor:
+        a = a_weight.detach()
+        a = a if a.is_contiguous() else a.contiguous()
+        ctx.seed, ctx.p = draw_seed(), p
+        ctx.save_for_backward(x2d, a)
+        return forward(x2d, a, ctx.seed, p)
+
+    @staticmethod
+    def backward(ctx, dh: Tensor):
+        x2d, a = ctx.saved_tensors
+        dx, da = backward(dh.contiguous(), x2d, a, ctx.seed, ctx.p, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return dx, None if da is None else da.to(a.dtype), None

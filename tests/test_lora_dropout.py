@@ -1,0 +1,171 @@
+"""LoRA dropout fused into A's product (xpu_llm.finetune.lora_dropout) against float64 computed with the same
+mask: forward, input and weight gradients, shapes that are not multiples of the tiles; the mask's statistics;
+replay under activation checkpointing; and a low-bit LoRA layer taking the fused path. On a GPU the compiled
+kernels run; without one, the same kernels run on CPU tensors through Triton's interpreter (a child process)."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("triton")
+transformers = pytest.importorskip("transformers")
+
+import interpreter  # noqa: E402
+from xpu_llm.device import get_device, is_gpu  # noqa: E402
+
+DEVICE = get_device()
+RUN_HERE = is_gpu(DEVICE) or interpreter.IN_CHILD
+here = pytest.mark.skipif(not RUN_HERE, reason="runs in the TRITON_INTERPRET=1 child (test_interpreter_suite)")
+DEV = DEVICE if is_gpu(DEVICE) else torch.device("cpu")
+
+
+@pytest.mark.skipif(RUN_HERE, reason="kernels run in this process")
+def test_interpreter_suite():
+    print(interpreter.run_interpreted(__file__))
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@here
+@pytest.mark.parametrize("p", [0.05, 0.3, 0.5])
+def test_mask_keeps_one_minus_p_independently(p):
+    from xpu_llm.finetune import lora_dropout as ld
+
+    rows, cols = 96, 640
+    keep = ld.keep_mask(11 << 33, rows, cols, p, DEV).double()
+    q = 1 - ld.threshold(p) / 65536
+    n = keep.numel()
+    assert abs(keep.mean().item() - q) <= 5 * math.sqrt(q * (1 - q) / n)
+    # every column position of the 64-wide blocks and every row keeps at the same rate
+    per_pos = keep.view(rows, cols // 64, 64).mean(dim=(0, 1))
+    assert (per_pos - q).abs().max().item() <= 6 * math.sqrt(q * (1 - q) / (rows * cols // 64))
+    assert (keep.mean(1) - q).abs().max().item() <= 6 * math.sqrt(q * (1 - q) / cols)
+    # neighbouring columns and rows uncorrelated
+    c = keep - q
+    for a, b in ((c[:, 1:], c[:, :-1]), (c[1:], c[:-1])):
+        assert abs((a * b).mean().item()) / (q * (1 - q)) <= 6 / math.sqrt(a.numel())
+    other = ld.keep_mask(12 << 33, rows, cols, p, DEV).double()
+    assert abs((keep != other).double().mean().item() - 2 * q * (1 - q)) <= 0.02
+    assert torch.equal(ld.keep_mask(11 << 33, rows, cols, p, DEV).double(), keep)  # a pure function of the seed
+    # the mask of a row does not depend on how many rows were drawn
+    assert torch.equal(ld.keep_mask(11 << 33, 7, cols, p, DEV).double(), keep[:7])
+
+
+@here
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("t,k,r", [(37, 200, 8), (64, 128, 16), (5, 70, 24)])
+def test_kernels_match_float64_with_the_same_mask(dtype, t, k, r):
+    from xpu_llm.finetune import lora_dropout as ld
+
+    g = torch.Generator().manual_seed(t + k + r)
+    x = (torch.randn(t, k, generator=g) * 2 + 0.3).to(DEV, dtype)
+    a = (torch.randn(r, k, generator=g) * 0.1).to(DEV)  # float32, as PEFT keeps it; rounded in the kernels
+    a16 = a.to(dtype).double()
+    dh = torch.randn(t, r, generator=g).to(DEV, dtype)
+    p, seed = 0.25, 5 << 33
+    keep = ld.keep_mask(seed, t, k, p, DEV).double()
+    x64 = x.double() * keep * ld.keep_scale(p)
+    h = ld.forward(x, a, seed, p)
+    dx, da = ld.backward(dh, x, a, seed, p)
+    assert h.dtype == dx.dtype == dtype and da.dtype == torch.float32
+    assert rel(h, x64 @ a16.T) <= 4e-3  # one rounding of h to the 16-bit dtype
+    assert rel(dx, (dh.double() @ a16) * keep * ld.keep_scale(p)) <= 4e-3
+    assert rel(da, dh.double().T @ x64) <= 1e-5  # float32 accumulation of exact products
+    assert (dx.double()[keep == 0] == 0).all()
+    # one gradient alone: the same values
+    only_dx, none = ld.backward(dh, x, a, seed, p, want_da=False)
+    none2, only_da = ld.backward(dh, x, a, seed, p, want_dx=False)
+    assert none is None and none2 is None and torch.equal(only_dx, dx) and torch.equal(only_da, da)
+
+
+@here
+@pytest.mark.parametrize("reentrant", [True, False], ids=["reentrant", "non-reentrant"])
+def test_autograd_function_replays_its_mask_under_checkpointing(reentrant):
+    from torch.utils.checkpoint import checkpoint
+
+    from xpu_llm.finetune import lora_dropout as ld
+
+    g = torch.Generator().manual_seed(3)
+    x0 = torch.randn(45, 130, generator=g).to(DEV, torch.bfloat16)
+    w = (torch.randn(16, 130, generator=g) * 0.1).to(DEV)
+    w.requires_grad_(True)
+    dh = torch.randn(45, 16, generator=g).to(DEV, torch.bfloat16)
+
+    def run(seed: int, ckpt: bool):
+        x = x0.clone().requires_grad_(True)
+        torch.manual_seed(seed)
+        fn = (lambda xx: ld.DropoutLoraA.apply(xx, w, 0.3))
+        h = checkpoint(fn, x, use_reentrant=reentrant) if ckpt else fn(x)
+        h.backward(dh)  # reentrant checkpointing takes .backward(), not autograd.grad
+        gw, w.grad = w.grad, None
+        return h.detach(), x.grad, gw
+
+    h, gx, gw = run(7, False)
+    assert gw.dtype == torch.float32
+    for got, want in zip(run(7, True), (h, gx, gw)):
+        assert torch.equal(got, want)
+    assert rel(run(8, False)[0], h) > 0.1  # another seed, other masks
+    # the gradients are those of the mask the drawn seed gives, in float64
+    torch.manual_seed(7)
+    keep = ld.keep_mask(ld.draw_seed(), 45, 130, 0.3, DEV).double() * ld.keep_scale(0.3)
+    wb = w.detach().to(torch.bfloat16).double()
+    assert rel(h, (x0.double() * keep) @ wb.T) <= 4e-3
+    assert rel(gx, (dh.double() @ wb) * keep) <= 4e-3
+    assert rel(gw, dh.double().T @ (x0.double() * keep)) <= 1e-5
+
+
+@here
+def test_low_bit_lora_layer_takes_the_fused_dropout():
+    """A LowBitLoraLinear in training with dropout, under bf16 autocast: output and gradients equal base(x) +
+    scaling * B(A(x * keep / (1 - p))) in float64 with the mask of the seed the layer drew; in eval mode (no
+    dropout) the plain path."""
+    import xpu_llm
+    from xpu_llm.finetune import add_lora
+    from xpu_llm.finetune import lora_dropout as ld
+    from xpu_llm.finetune.lora import LowBitLoraLinear
+
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=128)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).to(DEV)
+    model.requires_grad_(False)
+    xpu_llm.optimize_model(model, low_bit="nf4", group_size=32)
+    model = add_lora(model, r=4, lora_alpha=8, lora_dropout=0.2)
+    layer = model.base_model.model.model.layers[0].mlp.down_proj
+    assert isinstance(layer, LowBitLoraLinear)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    with torch.no_grad():
+        b.normal_(0, 0.05)
+    x = torch.randn(3, 11, 96, generator=torch.Generator().manual_seed(1)).to(DEV, torch.bfloat16)
+    x.requires_grad_(True)
+    dy = torch.randn(3, 11, 64, generator=torch.Generator().manual_seed(2)).to(DEV, torch.bfloat16)
+    model.train()
+    torch.manual_seed(9)
+    with torch.autocast(DEV.type, dtype=torch.bfloat16):
+        y = layer(x)
+        base = layer.base_layer(x.detach().reshape(-1, 96)).double()
+    gx, ga, gb = torch.autograd.grad(y, (x, a, b), dy)
+    torch.manual_seed(9)
+    keep = ld.keep_mask(ld.draw_seed(), 33, 96, 0.2, DEV).double() * ld.keep_scale(0.2)
+    a64, b64 = a.detach().to(torch.bfloat16).double(), b.detach().to(torch.bfloat16).double()
+    xd = x.detach().reshape(-1, 96).double() * keep
+    h = xd @ a64.T
+    want = base + 2.0 * (h @ b64.T)
+    assert rel(y.reshape(-1, 64), want) <= 1e-2
+    dy2 = dy.reshape(-1, 64).double()
+    dh = 2.0 * dy2 @ b64
+    assert rel(ga, dh.T @ xd) <= 2e-2 and rel(gb, 2.0 * dy2.T @ h) <= 2e-2
+    # the input gradient: the base's, plus the adapter's through the mask
+    base_gx = torch.autograd.grad(layer.base_layer(x.reshape(-1, 96)), x, dy.reshape(-1, 64))[0]
+    assert rel(gx.reshape(-1, 96) - base_gx.reshape(-1, 96), (dh @ a64) * keep) <= 2e-2
+    model.eval()  # no dropout: PEFT's own modules
+    with torch.no_grad(), torch.autocast(DEV.type, dtype=torch.bfloat16):
+        y_eval = layer(x)
+        plain = layer.base_layer(x.reshape(-1, 96)).float() + 2.0 * (x.reshape(-1, 96) @ a.T.to(x.dtype)).float() @ \
+            b.T.float()
+    assert rel(y_eval.reshape(-1, 64), plain) <= 1e-2
