@@ -21,7 +21,9 @@ Engines:
 - `xpu-llm`: `optimize_model(model, "nf4", 64)` (the untied output head is quantized too, as xpu-llm does),
   `fuse_layers` (Triton RMSNorm, SwiGLU and rotary embedding, as `xpu_llm.finetune.load_base` applies them),
   `checkpoint_layers` (reentrant; the last --uncheckpointed-layers N layers keep their activations, one row
-  per value), `xpu_llm.finetune.add_lora` (whose LoRA update is one in-place addmm); base float weights bf16.
+  per value), `xpu_llm.finetune.add_lora` (whose LoRA update is one in-place addmm, and whose dropout is fused
+  into A's product: `XPU_LLM_FUSED_LORA_DROPOUT=0` for PEFT's own, an A/B in one machine); base float weights
+  bf16.
 - `bnb`: the QLoRA recipe of the PEFT/transformers docs: `bnb.nn.Linear4bit` nf4, double quantization, bf16
   compute (what `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
   bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=bfloat16)` builds; the output head stays bf16), then

@@ -61,10 +61,11 @@ def lora_a(a: nn.Module, dropout: nn.Module, x2d: torch.Tensor) -> torch.Tensor:
     input (a GPU tensor, or a CPU one under Triton's interpreter), so neither the dropped-out input nor its mask
     is written or kept for backward; PEFT's modules otherwise, or when XPU_LLM_FUSED_LORA_DROPOUT=0."""
     k = _dropout_kernels()
-    if (k is not None and os.environ.get("XPU_LLM_FUSED_LORA_DROPOUT", "1") != "0" and type(dropout) is nn.Dropout and dropout.training and dropout.p > 0
-            and type(a) is nn.Linear and a.bias is None and not hasattr(a.weight, "ds_id")
-            and (is_gpu(x2d.device) or x2d.device.type == "cpu" and k.interpreting()) and k.supported(x2d, a.weight)):
-        return k.DropoutLoraA.apply(x2d, a.weight, dropout.p)
+    if (k is not None and os.environ.get("XPU_LLM_FUSED_LORA_DROPOUT", "1") != "0" and type(dropout) is nn.Dropout
+            and dropout.training and dropout.p > 0 and type(a) is nn.Linear and a.bias is None
+            and not hasattr(a.weight, "ds_id") and (is_gpu(x2d.device) or x2d.device.type == "cpu" and k.interpreting())
+            and k.supported(x2d, a.weight)):
+        return k.dropout_lora_a(x2d, a.weight, dropout.p)
     return a(dropout(x2d))
 
 

@@ -4,16 +4,23 @@ the dropped-out input or its mask.
 PEFT computes lora_A(dropout(x)) for every adapted linear: a pass that writes x * mask / (1 - p) and a boolean
 mask over the whole [tokens, in_features] input, which autograd then keeps for the backward of A (and, with
 gradient checkpointing, recomputes). At the Llama-3-8B shape with r 16 that is 7 such tensors per layer (the
-q/k/v and gate/up projections each draw their own mask over the same input), about 0.42 GiB a layer kept, and
-~25 ms of a 0.4 s step spent writing and reading them. Here the mask is a pure function of (seed, row, column):
-each kernel that needs it draws it again in registers (Philox-4x32, 7 rounds: Salmon et al. 2011 found it
-passes BigCrush from 7 rounds; 16 bits per element, 8 elements per Philox call), so the forward reads x once
-and the backward keeps only x, which the caller holds anyway, and one integer seed.
+q/k/v and gate/up projections each draw their own mask over the same input): on an H200 a layer that is not
+recomputed kept 0.74 GiB with them and 0.46 GiB without, and writing and reading them took ~25 ms of a 0.4 s
+step. Here the mask is a pure function of (seed, row, column):
+each kernel that needs it draws it again in registers (Philox-4x32 with 7 rounds, the fewest that Salmon et al.
+2011 report passing BigCrush; PyTorch uses 10; 16 bits per element, 8 elements per Philox call), so the forward
+reads x once and the backward keeps only x, which the caller holds anyway, and one integer seed.
 
 The seed is drawn from torch's CPU generator when the forward runs, so `torch.manual_seed` fixes the masks, and
-activation checkpointing (which restores the RNG states before it recomputes) replays them. p is rounded to a multiple of 2^-16 (at most 7.6e-6 off) and the kept values are scaled by
-1 / (1 - that p), so the expectation is exactly x. The masks are not PEFT's (another random stream), only
-distributed like them.
+activation checkpointing (which restores the RNG states before it recomputes) replays them. p is rounded to a
+multiple of 2^-16 (at most 7.6e-6 off) and the kept values are scaled by 1 / (1 - that p), so the expectation is
+exactly x. The masks are not PEFT's (another random stream), only distributed like them.
+
+Measured on an H200 (8B shape, benchmarks/qlora.py, 4 layers not recomputed): device time per step 368 -> 344
+ms, peak 15.26 -> 14.32 GiB; but its launches cost host time, which bounds that step on those machines, so the
+wall time of that configuration got worse; the memory saved buys more layers not recomputed instead (8 at
+16.17 GiB), the fastest configuration within bitsandbytes' peak. XPU_LLM_FUSED_LORA_DROPOUT=0 restores PEFT's
+own dropout and A.
 
 Portable Triton: the same source runs on NVIDIA and Intel GPUs and, under TRITON_INTERPRET=1, on CPU tensors
 (the tests)."""
@@ -67,7 +74,7 @@ def _dot(a, b, acc, SOFT_BF16: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _fwd(x_ptr, a_ptr, seed, h_ptr, T, K, R, n_kb, p16, scale, BT: tl.constexpr, RP: tl.constexpr,
+def _lora_dropout_fwd(x_ptr, a_ptr, seed, h_ptr, T, K, R, n_kb, p16, scale, BT: tl.constexpr, RP: tl.constexpr,
          ROUNDS: tl.constexpr, SOFT_BF16: tl.constexpr):
     """h [T, R] = (x * keep) [T, K] @ a^T [K, R] * scale, with a rounded to x's dtype (as autocast casts A for
     its matmul); a program owns BT rows and loops over K."""
@@ -86,10 +93,10 @@ def _fwd(x_ptr, a_ptr, seed, h_ptr, T, K, R, n_kb, p16, scale, BT: tl.constexpr,
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _bwd(dh_ptr, x_ptr, a_ptr, seed, dx_ptr, part_ptr, T, K, R, n_kb, rows_per_split, p16, scale,
+def _lora_dropout_bwd(dh_ptr, x_ptr, a_ptr, seed, dx_ptr, part_ptr, T, K, R, n_kb, rows_per_split, p16, scale,
          BT: tl.constexpr, RP: tl.constexpr, ROUNDS: tl.constexpr, SOFT_BF16: tl.constexpr, WANT_DX: tl.constexpr,
          WANT_DA: tl.constexpr):
-    """Both gradients of _fwd in one pass over the mask: dx [T, K] = (dh @ a) * keep * scale, and
+    """Both gradients of _lora_dropout_fwd in one pass over the mask: dx [T, K] = (dh @ a) * keep * scale, and
     part[s, :, block] = scale * dh[rows of s]^T @ (x * keep)[rows of s, block] (float32 partial sums of a's
     gradient). A program owns one split of the rows and one column block."""
     s = tl.program_id(0)
@@ -115,11 +122,12 @@ def _bwd(dh_ptr, x_ptr, a_ptr, seed, dx_ptr, part_ptr, T, K, R, n_kb, rows_per_s
             x = tl.load(x_ptr + rows[:, None] * K + k[None, :], mask=rm[:, None] & (k < K)[None, :], other=0.0)
             da = _dot(tl.trans(dh), tl.where(keep, x, 0.0), da, SOFT_BF16)
     if WANT_DA:
-        tl.store(part_ptr + (s * R + rr[:, None]) * K + k[None, :], da * scale, mask=(rr < R)[:, None] & (k < K)[None, :])
+        tl.store(part_ptr + (s * R + rr[:, None]) * K + k[None, :], da * scale,
+                 mask=(rr < R)[:, None] & (k < K)[None, :])
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _mask(seed, out_ptr, T, K, n_kb, p16, BT: tl.constexpr, ROUNDS: tl.constexpr):
+def _lora_dropout_mask(seed, out_ptr, T, K, n_kb, p16, BT: tl.constexpr, ROUNDS: tl.constexpr):
     """The keep mask itself as uint8 [T, K] (tests and inspection; training never writes it)."""
     rows = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
     kb = tl.program_id(1)
@@ -155,8 +163,9 @@ def forward(x2d: Tensor, a: Tensor, seed: int, p: float) -> Tensor:
     r = a.shape[0]
     h = torch.empty((t, r), dtype=x2d.dtype, device=x2d.device)
     bt, warps = FWD
-    _fwd[(triton.cdiv(t, bt),)](x2d, a, seed, h, t, k, r, triton.cdiv(k, COLS), threshold(p), keep_scale(p), BT=bt,
-                                 RP=_rank_pad(r), ROUNDS=ROUNDS, SOFT_BF16=interpreting(), num_warps=warps)
+    _lora_dropout_fwd[(triton.cdiv(t, bt),)](x2d, a, seed, h, t, k, r, triton.cdiv(k, COLS), threshold(p),
+                                             keep_scale(p), BT=bt, RP=_rank_pad(r), ROUNDS=ROUNDS,
+                                             SOFT_BF16=interpreting(), num_warps=warps)
     return h
 
 
@@ -173,9 +182,9 @@ def backward(dh: Tensor, x2d: Tensor, a: Tensor, seed: int, p: float, want_dx: b
     splits = triton.cdiv(t, per)
     dx = torch.empty((t, k), dtype=x2d.dtype, device=x2d.device) if want_dx else None
     part = torch.empty((splits, r, k), dtype=torch.float32, device=x2d.device) if want_da else None
-    _bwd[(splits, n_kb)](dh, x2d, a, seed, dx, part, t, k, r, n_kb, per, threshold(p), keep_scale(p), BT=bt,
-                         RP=_rank_pad(r), ROUNDS=ROUNDS, SOFT_BF16=interpreting(), WANT_DX=want_dx, WANT_DA=want_da,
-                         num_warps=warps)
+    _lora_dropout_bwd[(splits, n_kb)](dh, x2d, a, seed, dx, part, t, k, r, n_kb, per, threshold(p), keep_scale(p),
+                                      BT=bt, RP=_rank_pad(r), ROUNDS=ROUNDS, SOFT_BF16=interpreting(),
+                                      WANT_DX=want_dx, WANT_DA=want_da, num_warps=warps)
     return dx, None if part is None else part[0] if splits == 1 else part.sum(0)
 
 
@@ -183,7 +192,8 @@ def keep_mask(seed: int, rows: int, cols: int, p: float, device: torch.device) -
     """The keep mask [rows, cols] (bool) that `seed` gives the kernels above."""
     out = torch.empty((rows, cols), dtype=torch.uint8, device=device)
     bt, n_kb = 16, triton.cdiv(cols, COLS)
-    _mask[(triton.cdiv(rows, bt), n_kb)](seed, out, rows, cols, n_kb, threshold(p), BT=bt, ROUNDS=ROUNDS)
+    _lora_dropout_mask[(triton.cdiv(rows, bt), n_kb)](seed, out, rows, cols, n_kb, threshold(p), BT=bt,
+                                                      ROUNDS=ROUNDS)
     return out.bool()
 
 
@@ -192,6 +202,14 @@ def draw_seed() -> int:
     (which restores the CPU RNG state too); no device work, no sync. In [2^32, 2^62), so the kernels always take it
     as one int64 argument (no recompilation per value)."""
     return int(torch.randint(1 << 32, 1 << 62, (1,)).item())
+
+
+def dropout_lora_a(x2d: Tensor, a_weight: Tensor, p: float) -> Tensor:
+    """dropout(x2d, p) @ a_weight^T (see DropoutLoraA); without autograd (the first forward of a reentrant
+    checkpoint, evaluation under no_grad) the kernel alone, drawing its seed the same way."""
+    if torch.is_grad_enabled() and (x2d.requires_grad or a_weight.requires_grad):
+        return DropoutLoraA.apply(x2d, a_weight, p)
+    return forward(x2d, a_weight.detach().contiguous(), draw_seed(), p)
 
 
 class DropoutLoraA(torch.autograd.Function):
