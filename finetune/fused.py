@@ -13,6 +13,7 @@ rotary embedding of q and k five each (over non-contiguous heads), with three mo
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import sys
 
@@ -38,18 +39,21 @@ ROPE_ATTENTIONS = {"LlamaAttention": "transformers.models.llama.modeling_llama"}
 
 
 @functools.cache
-def _kernels():
-    """finetune.kernels, or None where Triton is not importable."""
+def triton_module(name: str):
+    """xpu_llm.finetune.<name>, a module of Triton kernels, or None where Triton is not importable."""
     try:
-        from . import kernels
+        return importlib.import_module(f"{__package__}.{name}")
     except ImportError as e:  # CPU-only installs without Triton
-        log.debug("Triton not importable (%s): fused layers run the plain formulas", e)
+        log.debug("Triton not importable (%s): %s is not used, the plain formulas run", e, name)
         return None
-    return kernels
 
 
-def _use_kernels(x: Tensor) -> bool:
-    """Kernels for GPU tensors, and for CPU tensors when Triton interprets (the tests)."""
+def _kernels():
+    return triton_module("kernels")
+
+
+def use_kernels(x: Tensor) -> bool:
+    """Triton kernels for GPU tensors, and for CPU tensors when Triton interprets (the tests)."""
     k = _kernels()
     return k is not None and (is_gpu(x.device) or x.device.type == "cpu" and k.interpreting())
 
@@ -104,7 +108,7 @@ class FusedRMSNorm(nn.Module):
         self.variance_epsilon = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        if _use_kernels(x) and x.shape[-1] <= _kernels().MAX_COLS:
+        if use_kernels(x) and x.shape[-1] <= _kernels().MAX_COLS:
             return _RMSNormFunction.apply(x, self.weight, self.variance_epsilon)
         return reference_rms_norm(x, self.weight, self.variance_epsilon)
 
@@ -122,7 +126,7 @@ class FusedSwiGLUMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         g, u = self.gate_proj(x), self.up_proj(x)
-        h = _SwiGLUFunction.apply(g, u) if _use_kernels(g) else F.silu(g) * u
+        h = _SwiGLUFunction.apply(g, u) if use_kernels(g) else F.silu(g) * u
         return self.down_proj(h)
 
 
@@ -149,7 +153,7 @@ class _RoPEFunction(torch.autograd.Function):
 def apply_rope(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, hf_rope) -> tuple[Tensor, Tensor]:
     """HF's apply_rotary_pos_emb(q, k, cos, sin) (passed as `hf_rope`), through the Triton kernel on GPU tensors
     of the shapes it takes (q, k [B, heads, T, D]; cos, sin [B or 1, T, D], without gradient)."""
-    if (_use_kernels(q) and not (cos.requires_grad or sin.requires_grad) and q.dtype == k.dtype
+    if (use_kernels(q) and not (cos.requires_grad or sin.requires_grad) and q.dtype == k.dtype
             and _kernels().rope_supported(q, cos) and _kernels().rope_supported(k, cos)
             and sin.shape == cos.shape and sin.stride() == cos.stride()):
         return _RoPEFunction.apply(q, k, cos, sin)

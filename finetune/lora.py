@@ -4,7 +4,6 @@ and TRL's `SFTTrainer` work on a model whose linears are `LowBitLinear`, and ada
 format that loads onto the plain float model."""
 from __future__ import annotations
 
-import functools
 import logging
 import os
 from collections.abc import Iterable
@@ -16,9 +15,9 @@ from peft.tuners.lora.layer import Linear as PeftLoraLinear
 from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
-from ..device import is_gpu
 from ..errors import XpuLLMError
 from ..lowbit.linear import LowBitLinear
+from .fused import triton_module, use_kernels
 from .storage import PackedLowBitLinear
 
 log = logging.getLogger(__name__)
@@ -45,26 +44,14 @@ def layer_device(layer: nn.Module) -> torch.device:
     return t.device
 
 
-@functools.cache
-def _dropout_kernels():
-    """finetune.lora_dropout, or None where Triton is not importable."""
-    try:
-        from . import lora_dropout
-    except ImportError as e:  # CPU-only installs without Triton
-        log.debug("Triton not importable (%s): LoRA dropout runs unfused", e)
-        return None
-    return lora_dropout
-
-
 def lora_a(a: nn.Module, dropout: nn.Module, x2d: torch.Tensor) -> torch.Tensor:
     """a(dropout(x2d)): through lora_dropout's fused kernels when dropout is active and the kernels take the
     input (a GPU tensor, or a CPU one under Triton's interpreter), so neither the dropped-out input nor its mask
     is written or kept for backward; PEFT's modules otherwise, or when XPU_LLM_FUSED_LORA_DROPOUT=0."""
-    k = _dropout_kernels()
+    k = triton_module("lora_dropout")
     if (k is not None and os.environ.get("XPU_LLM_FUSED_LORA_DROPOUT", "1") != "0" and type(dropout) is nn.Dropout
             and dropout.training and dropout.p > 0 and type(a) is nn.Linear and a.bias is None
-            and not hasattr(a.weight, "ds_id") and (is_gpu(x2d.device) or x2d.device.type == "cpu" and k.interpreting())
-            and k.supported(x2d, a.weight)):
+            and not hasattr(a.weight, "ds_id") and use_kernels(x2d) and k.supported(x2d, a.weight)):
         return k.dropout_lora_a(x2d, a.weight, dropout.p)
     return a(dropout(x2d))
 

@@ -6,10 +6,10 @@ mask over the whole [tokens, in_features] input, which autograd then keeps for t
 gradient checkpointing, recomputes). At the Llama-3-8B shape with r 16 that is 7 such tensors per layer (the
 q/k/v and gate/up projections each draw their own mask over the same input): on an H200 a layer that is not
 recomputed kept 0.74 GiB with them and 0.46 GiB without, and writing and reading them took ~25 ms of a 0.4 s
-step. Here the mask is a pure function of (seed, row, column):
-each kernel that needs it draws it again in registers (Philox-4x32 with 7 rounds, the fewest that Salmon et al.
-2011 report passing BigCrush; PyTorch uses 10; 16 bits per element, 8 elements per Philox call), so the forward
-reads x once and the backward keeps only x, which the caller holds anyway, and one integer seed.
+step. Here the mask is a pure function of (seed, row, column): each kernel that needs it draws it again in
+registers (Philox-4x32 with 7 rounds, the fewest that Salmon et al. 2011 report passing BigCrush; PyTorch uses
+10; 16 bits per element, 8 elements per Philox call), so the forward reads x once and the backward keeps only x,
+which the caller holds anyway, and one integer seed.
 
 The seed is drawn from torch's CPU generator when the forward runs, so `torch.manual_seed` fixes the masks, and
 activation checkpointing (which restores the RNG states before it recomputes) replays them. p is rounded to a
@@ -56,8 +56,9 @@ def keep_scale(p: float) -> float:
 
 @triton.jit
 def _keep(seed, rows, kb, n_kb, p16, BT: tl.constexpr, ROUNDS: tl.constexpr):
-    """Keep mask [BT, COLS] of rows `rows` [BT] (int64) in column block kb: one Philox call per 8 elements, its
-    four 32-bit words split into 16-bit halves. The layout below defines which bits feed which column."""
+    """Keep mask [BT, 64] (64 = COLS) of rows `rows` [BT] (int64) in column block kb: one Philox call per 8
+    elements, its four 32-bit words split into 16-bit halves. The joins below define which bits feed which
+    column; every kernel draws a block the same way, whatever its tile of rows."""
     lane = tl.arange(0, 8)
     off = (rows[:, None] * n_kb + kb) * 8 + lane[None, :]
     r0, r1, r2, r3 = tl.randint4x(seed, off, ROUNDS)
@@ -75,7 +76,7 @@ def _dot(a, b, acc, SOFT_BF16: tl.constexpr):
 
 @triton.jit(do_not_specialize=["seed"])
 def _lora_dropout_fwd(x_ptr, a_ptr, seed, h_ptr, T, K, R, n_kb, p16, scale, BT: tl.constexpr, RP: tl.constexpr,
-         ROUNDS: tl.constexpr, SOFT_BF16: tl.constexpr):
+                      ROUNDS: tl.constexpr, SOFT_BF16: tl.constexpr):
     """h [T, R] = (x * keep) [T, K] @ a^T [K, R] * scale, with a rounded to x's dtype (as autocast casts A for
     its matmul); a program owns BT rows and loops over K."""
     rows = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
@@ -94,8 +95,8 @@ def _lora_dropout_fwd(x_ptr, a_ptr, seed, h_ptr, T, K, R, n_kb, p16, scale, BT: 
 
 @triton.jit(do_not_specialize=["seed"])
 def _lora_dropout_bwd(dh_ptr, x_ptr, a_ptr, seed, dx_ptr, part_ptr, T, K, R, n_kb, rows_per_split, p16, scale,
-         BT: tl.constexpr, RP: tl.constexpr, ROUNDS: tl.constexpr, SOFT_BF16: tl.constexpr, WANT_DX: tl.constexpr,
-         WANT_DA: tl.constexpr):
+                      BT: tl.constexpr, RP: tl.constexpr, ROUNDS: tl.constexpr, SOFT_BF16: tl.constexpr,
+                      WANT_DX: tl.constexpr, WANT_DA: tl.constexpr):
     """Both gradients of _lora_dropout_fwd in one pass over the mask: dx [T, K] = (dh @ a) * keep * scale, and
     part[s, :, block] = scale * dh[rows of s]^T @ (x * keep)[rows of s, block] (float32 partial sums of a's
     gradient). A program owns one split of the rows and one column block."""
@@ -214,7 +215,7 @@ def dropout_lora_a(x2d: Tensor, a_weight: Tensor, p: float) -> Tensor:
 
 class DropoutLoraA(torch.autograd.Function):
     """h = dropout(x2d, p) @ a_weight^T in x2d's dtype (a_weight rounded to it in the kernels, as autocast casts A
-    for its matmul); the backward gives x2d's and a_weight's gradients (the latter in float32)."""
+    for its matmul); the backward gives x2d's and a_weight's gradients (each in its own dtype)."""
 
     @staticmethod
     def forward(ctx, x2d: Tensor, a_weight: Tensor, p: float) -> Tensor:

@@ -8,7 +8,26 @@ import os
 import subprocess
 import sys
 
+import pytest
+import torch
+
+from xpu_llm.device import get_device, is_gpu
+
 IN_CHILD = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = get_device()
+ON_GPU = is_gpu(DEVICE)
+RUN_HERE = ON_GPU or IN_CHILD  # kernel tests run in this process: compiled on a GPU, or interpreted in the child
+DEV = DEVICE if ON_GPU else torch.device("cpu")  # where the kernel tests put their tensors
+here = pytest.mark.skipif(not RUN_HERE, reason="runs in the TRITON_INTERPRET=1 child (test_interpreter_suite)")
+
+
+def suite(test_file: str):
+    """The test that runs `test_file` again in the interpreter child where kernels cannot run in this process;
+    a test file binds it as `test_interpreter_suite = interpreter.suite(__file__)`."""
+    @pytest.mark.skipif(RUN_HERE, reason="kernels run in this process")
+    def test_interpreter_suite():
+        print(run_interpreted(test_file))
+    return test_interpreter_suite
 
 
 def run_interpreted(test_file: str, timeout: float = 900) -> str:

@@ -13,19 +13,11 @@ pytest.importorskip("triton")
 transformers = pytest.importorskip("transformers")
 
 import interpreter  # noqa: E402
-from xpu_llm.device import get_device, is_gpu  # noqa: E402
+from interpreter import DEV, ON_GPU, here  # noqa: E402
 from xpu_llm.finetune.fused import FusedRMSNorm, FusedSwiGLUMLP, fuse_layers, reference_rms_norm  # noqa: E402
 
-DEVICE = get_device()
-RUN_HERE = is_gpu(DEVICE) or interpreter.IN_CHILD
-here = pytest.mark.skipif(not RUN_HERE, reason="runs in the TRITON_INTERPRET=1 child (test_interpreter_suite)")
-ROWS, WIDTH = (777, 4000) if is_gpu(DEVICE) else (21, 200)
-DEV = DEVICE if is_gpu(DEVICE) else torch.device("cpu")
-
-
-@pytest.mark.skipif(RUN_HERE, reason="kernels run in this process")
-def test_interpreter_suite():
-    print(interpreter.run_interpreted(__file__))
+ROWS, WIDTH = (777, 4000) if ON_GPU else (21, 200)
+test_interpreter_suite = interpreter.suite(__file__)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -14,17 +14,9 @@ pytest.importorskip("triton")
 transformers = pytest.importorskip("transformers")
 
 import interpreter  # noqa: E402
-from xpu_llm.device import get_device, is_gpu  # noqa: E402
+from interpreter import DEV, here  # noqa: E402
 
-DEVICE = get_device()
-RUN_HERE = is_gpu(DEVICE) or interpreter.IN_CHILD
-here = pytest.mark.skipif(not RUN_HERE, reason="runs in the TRITON_INTERPRET=1 child (test_interpreter_suite)")
-DEV = DEVICE if is_gpu(DEVICE) else torch.device("cpu")
-
-
-@pytest.mark.skipif(RUN_HERE, reason="kernels run in this process")
-def test_interpreter_suite():
-    print(interpreter.run_interpreted(__file__))
+test_interpreter_suite = interpreter.suite(__file__)
 
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -18,20 +18,10 @@ import torch
 pytest.importorskip("triton")
 
 import interpreter  # noqa: E402
-from xpu_llm.device import get_device, is_gpu  # noqa: E402
+from interpreter import DEVICE, ON_GPU, RUN_HERE, here  # noqa: E402
 from xpu_llm.lowbit.formats import LOW_BIT_NAMES, get_format  # noqa: E402
 
-DEVICE = get_device()
-ON_GPU = is_gpu(DEVICE)
-IN_CHILD = interpreter.IN_CHILD
-RUN_HERE = ON_GPU or IN_CHILD
-here = pytest.mark.skipif(not RUN_HERE, reason="runs in the TRITON_INTERPRET=1 child (test_interpreter_suite)")
-
-
-@pytest.mark.skipif(RUN_HERE, reason="kernels run in this process")
-def test_interpreter_suite():
-    """The tests of this file on CPU tensors through Triton's interpreter, in a child process."""
-    print(interpreter.run_interpreted(__file__))
+test_interpreter_suite = interpreter.suite(__file__)  # the tests below on CPU tensors, in a child process
 
 
 if RUN_HERE:
