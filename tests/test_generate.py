@@ -118,3 +118,28 @@ def test_perplexity_matches_direct_computation(smol, stride):
         n += tgt.numel()
     assert res["tokens_scored"] == n == 63 + 2 * (63 if stride == 64 else stride)
     assert abs(res["perplexity"] - math.exp(nll / n)) < 1e-3 * res["perplexity"]
+
+
+def test_overlapped_decode_loop_gives_the_same_tokens(smol):
+    """Queuing the next step before reading this one's tokens (the accelerator default) changes nothing: greedy and
+    seeded sampling, stop tokens, and rows ended by on_step, against the step-by-step loop."""
+    from xpu_llm.generate import generate_tokens
+
+    model = smol.model
+    prompts = [smol.tokenizer.encode(p) for p in ("The capital of France is", "Once upon a time", "1, 2, 3,")]
+    model.setup_caches(len(prompts), smol.max_seq_len)
+    eos = smol.tokenizer.eos_token_id
+    for params in (SamplingParams(max_new_tokens=12), SamplingParams(max_new_tokens=12, temperature=0.8, seed=3),
+                   SamplingParams(max_new_tokens=12, stop_token_ids=(eos, 13))):
+        runs = []
+        for overlap in (False, True):
+            ended: list[int] = []
+
+            def on_step(row: int, ids: list[int]) -> bool:  # row 2 ends after 5 tokens
+                ended.append(row)
+                return row == 2 and len(ids) == 5
+
+            ids, stats = generate_tokens(model, prompts, params, pad_id=0, on_step=on_step, overlap=overlap)
+            runs.append((ids, stats.new_tokens, ended))
+        assert runs[0] == runs[1], params
+        assert len(runs[0][0][2]) <= 5 and runs[0][1] == sum(len(r) for r in runs[0][0])

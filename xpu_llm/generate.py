@@ -112,12 +112,15 @@ def decode_one_token(model: Transformer, token: Tensor, pos: int, pad: Tensor | 
 
 
 def generate_tokens(model: Transformer, prompts: list[list[int]], params: SamplingParams, pad_id: int,
-                    on_step: Callable[[int, list[int]], bool] | None = None
+                    on_step: Callable[[int, list[int]], bool] | None = None, overlap: bool | None = None
                     ) -> tuple[list[list[int]], GenerationStats]:
     """New token ids per prompt (stop token included when hit), with timings.
 
     `on_step(row, ids_so_far)` is called after each new token of an unfinished row; returning True ends that
-    row (stop strings, streaming consumers)."""
+    row (stop strings, streaming consumers). `overlap` (default: on accelerators, whose work is queued) queues
+    the next decode step before the host reads this step's tokens, so the device never waits for the copy,
+    the stop checks and `on_step`; when every row stops early, one queued step is computed and dropped. The
+    tokens are the same either way."""
     params.check()
     device = model.norm.weight.device
     batch = make_batch(prompts, pad_id, device)
@@ -126,6 +129,8 @@ def generate_tokens(model: Transformer, prompts: list[list[int]], params: Sampli
         raise GenerationInputError(
             f"prompt of {t} tokens + max_new_tokens {params.max_new_tokens} exceeds max_seq_len "
             f"{model.max_seq_len}; shorten the prompt, lower max_new_tokens or raise max_seq_len")
+    if overlap is None:
+        overlap = device.type != "cpu"
     gen = None
     if params.seed is not None:
         gen = torch.Generator(device=device).manual_seed(params.seed)
@@ -141,7 +146,9 @@ def generate_tokens(model: Transformer, prompts: list[list[int]], params: Sampli
     from .graphs import decoder
     decode = decoder(model, b, batch.pad)  # graph-captured on accelerators
     for step in range(params.max_new_tokens):
-        ids = nxt.tolist()
+        last = step == params.max_new_tokens - 1
+        ahead = sample(decode(nxt, t + step), params, gen) if overlap and not last else None
+        ids = nxt.tolist()  # waits for this step's tokens only
         for r in range(b):
             if done[r]:
                 continue
@@ -149,9 +156,9 @@ def generate_tokens(model: Transformer, prompts: list[list[int]], params: Sampli
             stats.new_tokens += 1
             if ids[r] in stops or (on_step is not None and on_step(r, out[r])):
                 done[r] = True
-        if all(done) or step == params.max_new_tokens - 1:
+        if all(done) or last:
             break
-        nxt = sample(decode(nxt, t + step), params, gen)
+        nxt = ahead if overlap else sample(decode(nxt, t + step), params, gen)
     synchronize(device)
     stats.decode_s = time.perf_counter() - t1
     return out, stats
