@@ -38,7 +38,7 @@ def profile_format(fmt: str, compiled: bool, new_tokens: int, top: int) -> None:
 
     run(4)  # warm-up: kernels, tuning, capture (and compilation)
     stats = run(new_tokens)
-    step = model.__dict__["_decode_graphs"][1]
+    step = list(model.__dict__["_decode_graphs"].values())[-1]  # batch 1, the bucket of the last position
     for _ in range(5):
         step.replay()
     torch.cuda.synchronize()

@@ -55,7 +55,8 @@ def test_graphed_decode_equals_eager(tiny_checkpoints, low_bit, family, monkeypa
         for _ in range(2):
             assert llm.generate_ids(ids, max_new_tokens=24, attention_mask=mask, ignore_eos=True).tolist() == eager
     graphs = llm.model.__dict__["_decode_graphs"]
-    assert set(graphs) == {1, 2} and all(isinstance(g, GraphedStep) and g.replay for g in graphs.values())
+    assert {batch for batch, _ in graphs} == {1, 2}  # (batch, cache slots read): one bucket, the 64-slot cache
+    assert all(isinstance(g, GraphedStep) and g.replay and g.kv_len == 64 for g in graphs.values())
 
 
 @pytest.mark.parametrize("low_bit", [None, "sym_int4"], ids=lambda f: str(f))
