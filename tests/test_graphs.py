@@ -20,7 +20,7 @@ def test_kv_bucket():
             kv_bucket(bad, 2048)
 
 
-@pytest.mark.parametrize("speculative", [None, "lookup"])
+@pytest.mark.parametrize("speculative", [None, "lookup", "layer_skip", "lowbit"])
 def test_bucketed_steps_equal_the_exact_eager_steps(tiny_checkpoints, monkeypatch, speculative):
     """Left-padded batch of 2 whose decode crosses the 256-slot bucket: the same tokens as the eager loop (which
     attends to exactly pos + 1 slots), with one step per (batch, bucket) reached, on a 600-slot cache."""
