@@ -20,6 +20,7 @@ from torch import Tensor
 
 from ..device import capture_graph
 from ..generate import GenerationStats, SamplingParams, make_batch, sample
+from ..graphs import kv_bucket
 from ..model import KVCache, Transformer, attention_mask
 from .dist import Grid
 from .tensor import split
@@ -39,7 +40,7 @@ class StageRunner:
         self.caches: dict[int, list[KVCache]] = {}
         # Experimental (GPUs): replay each micro-batch slot's decode step from a captured accelerator graph.
         self.graphs = graphs and device.type != "cpu"
-        self.graphed: dict[int, _GraphedStep] = {}
+        self.graphed: dict[tuple[int, int], _GraphedStep] = {}  # (micro-batch slot, cache slots read) -> step
 
     # ------------------------------------------------------------------------------------------ caches
     def use_slot(self, slot: int, batch: int) -> None:
@@ -47,7 +48,8 @@ class StageRunner:
         caches = self.caches.get(slot)
         if caches is None or caches[0].batch_size < batch:
             self.caches.pop(slot, None)
-            self.graphed.pop(slot, None)
+            for key in [k for k in self.graphed if k[0] == slot]:
+                del self.graphed[key]
             caches = [self.model.cache_factory(batch, layer.attention.n_kv_heads, self.max_seq_len,
                                                layer.attention.head_dim, self.dtype, self.device)
                       for layer in self.model.layers]
@@ -86,9 +88,10 @@ class StageRunner:
         """One decode step of micro-batch slot `slot` at cache position `pos` (after use_slot(slot, ...))."""
         if not self.graphs:
             return self.forward(x, torch.tensor([pos], device=self.device), pad, pos + 1, last_only=True)
-        step = self.graphed.get(slot)
+        key = (slot, kv_bucket(pos + 1, self.max_seq_len))
+        step = self.graphed.get(key)
         if step is None or not step.matches(x, pad):
-            step = self.graphed[slot] = _GraphedStep(self, x, pos, pad)
+            step = self.graphed[key] = _GraphedStep(self, x, pos, pad, key[1])
         return step(x, pos)
 
     @torch.inference_mode()
@@ -281,17 +284,18 @@ class _Ring:
 
 class _GraphedStep:
     """A decode step captured once into an accelerator graph (xpu_llm.device.capture_graph) and replayed: static
-    input, position and output buffers; attention runs over all cache slots with the causal mask (kv_len=None),
-    so one graph serves every position. Tensor-parallel collectives are captured with it."""
+    input, position and output buffers; attention runs over the first `kv_len` cache slots (a kv_bucket, as in
+    xpu_llm.graphs) with the causal mask, so one graph serves every position below it. Tensor-parallel
+    collectives are captured with it (every rank of a stage reaches a new bucket at the same step)."""
 
-    def __init__(self, runner: StageRunner, x: Tensor, pos: int, pad: Tensor | None) -> None:
+    def __init__(self, runner: StageRunner, x: Tensor, pos: int, pad: Tensor | None, kv_len: int) -> None:
         # The warm-up and the capture run the real step (same input, same position): they rewrite the very cache
         # entries that the first replay writes again.
         self.x, self.pad = x.clone(), pad
         self.pos = torch.full((1,), pos, dtype=torch.long, device=runner.device)
 
         def step() -> Tensor:
-            return runner.forward(self.x, self.pos, self.pad, None, last_only=True)
+            return runner.forward(self.x, self.pos, self.pad, kv_len, last_only=True)
 
         step()  # warm-up outside the graph (lazy initialisations, kernel autotuning)
         out: list[Tensor] = []
