@@ -50,7 +50,7 @@ def lora_a(a: nn.Module, dropout: nn.Module, x2d: torch.Tensor) -> torch.Tensor:
     is written or kept for backward; PEFT's modules otherwise, or when XPU_LLM_FUSED_LORA_DROPOUT=0."""
     k = triton_module("lora_dropout")
     if (k is not None and os.environ.get("XPU_LLM_FUSED_LORA_DROPOUT", "1") != "0" and type(dropout) is nn.Dropout
-            and dropout.training and dropout.p > 0 and type(a) is nn.Linear and a.bias is None
+            and dropout.training and 0 < dropout.p < 1 and type(a) is nn.Linear and a.bias is None
             and not hasattr(a.weight, "ds_id") and use_kernels(x2d) and k.supported(x2d, a.weight)):
         return k.dropout_lora_a(x2d, a.weight, dropout.p)
     return a(dropout(x2d))

@@ -155,6 +155,10 @@ def test_low_bit_lora_layer_takes_the_fused_dropout():
     # the input gradient: the base's, plus the adapter's through the mask
     base_gx = torch.autograd.grad(layer.base_layer(x.reshape(-1, 96)), x, dy.reshape(-1, 64))[0]
     assert rel(gx.reshape(-1, 96) - base_gx.reshape(-1, 96), (dh @ a64) * keep) <= 2e-2
+    layer.lora_dropout["default"].p = 1.0  # everything dropped (legal in torch): PEFT's modules, the base alone
+    with torch.no_grad(), torch.autocast(DEV.type, dtype=torch.bfloat16):
+        assert torch.equal(layer(x), layer.base_layer(x.reshape(-1, 96)).view(3, 11, 64))
+    layer.lora_dropout["default"].p = 0.2
     model.eval()  # no dropout: PEFT's own modules
     with torch.no_grad(), torch.autocast(DEV.type, dtype=torch.bfloat16):
         y_eval = layer(x)
