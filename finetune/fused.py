@@ -126,8 +126,48 @@ class FusedSwiGLUMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         g, u = self.gate_proj(x), self.up_proj(x)
-        h = _SwiGLUFunction.apply(g, u) if use_kernels(g) else F.silu(g) * u
-        return self.down_proj(h)
+        h = swiglu(g, u)
+        if not (torch.is_grad_enabled() and _no_outer_saved_tensor_hooks()):
+            return self.down_proj(h)
+        with _SavedAsRecomputed(h, lambda: swiglu(g.detach(), u.detach())):
+            return self.down_proj(h)
+
+
+def swiglu(g: Tensor, u: Tensor) -> Tensor:
+    """silu(g) * u: the Triton kernel on GPU tensors, the formula elsewhere (deterministic either way)."""
+    return _SwiGLUFunction.apply(g, u) if use_kernels(g) else F.silu(g) * u
+
+
+def _no_outer_saved_tensor_hooks() -> bool:
+    """True when no saved-tensor hooks are active (non-reentrant checkpointing, save_on_cpu, DeepSpeed's
+    offload install some): ours would replace theirs for the layer they wrap."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is not None and top(False) is None
+
+
+class _SavedAsRecomputed(torch.autograd.graph.saved_tensors_hooks):
+    """While active, a tensor that autograd saves and that is `h` or a view of it is kept as the way to make h
+    again (`recompute`, e.g. silu(g) * u from the g and u that the gate's backward keeps anyway) plus the view's
+    geometry, not as h's memory. Why: the MLP's down projection saves its input for LoRA A's gradient, a
+    [tokens, intermediate] tensor (117 MB a layer at the 8B shape, sequence 1024, batch 4) that the gate can
+    recompute in backward for one elementwise pass. Other saved tensors pass through unchanged."""
+
+    def __init__(self, h: Tensor, recompute) -> None:
+        ptr, dtype = h.untyped_storage().data_ptr(), h.dtype
+
+        def pack(t: Tensor):
+            if t.dtype != dtype or t.layout != torch.strided or t.untyped_storage().data_ptr() != ptr:
+                return t
+            return recompute, tuple(t.shape), t.stride(), t.storage_offset()
+
+        def unpack(saved):
+            if isinstance(saved, Tensor):
+                return saved
+            make, shape, stride, offset = saved
+            with torch.no_grad():
+                return make().as_strided(shape, stride, offset)
+
+        super().__init__(pack, unpack)
 
 
 class _RoPEFunction(torch.autograd.Function):

@@ -225,3 +225,56 @@ def test_fused_checkpointed_lora_model_copies_and_pickles():
     assert type(attn) is type(layer0.self_attn) and type(attn).__name__ == "FusedRoPELlamaAttention"
     assert attn.q_proj.base_layer.recompute_owner is None and not keeps_weight(attn.q_proj.base_layer.train())
     assert torch.equal(attn.q_proj.base_layer.qweight, layer0.self_attn.q_proj.base_layer.qweight)
+
+
+@pytest.mark.parametrize("dropout,autocast", [(0.0, False), (0.1, False),
+                                              pytest.param(0.1, True, marks=here)])
+def test_mlp_down_input_is_recomputed_not_kept(dropout, autocast):
+    """The down projection's input h = silu(g) * u, which LoRA A's gradient needs, is saved as the way to make it
+    again, not as memory: after forward h is freed, and the loss and every gradient equal, bit for bit, those of a
+    run that keeps h (an outer saved-tensor hook, as non-reentrant checkpointing installs, turns the recompute
+    off). A bf16 model under autocast (kernels: in the interpreter child or on a GPU) takes LoRA's fused dropout,
+    which saves a view of h; in float32, PEFT's A saves h itself (p = 0) or the dropout's output (p > 0, where h
+    was never kept)."""
+    import gc
+    from contextlib import nullcontext
+
+    from torch.multiprocessing.reductions import StorageWeakRef
+
+    import xpu_llm
+    from xpu_llm.finetune import add_lora
+
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=128, initializer_range=0.2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).to(DEV, torch.bfloat16 if autocast else torch.float32)
+    model.requires_grad_(False)
+    xpu_llm.optimize_model(model, low_bit="nf4", group_size=32)
+    fuse_layers(model)
+    model = add_lora(model, r=4, lora_alpha=8, lora_dropout=dropout).train()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    down = model.base_model.model.model.layers[0].mlp.down_proj
+    seen: list = []
+    down.register_forward_pre_hook(lambda mod, args: seen.append(StorageWeakRef(args[0].untyped_storage())))
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(3)).to(DEV)
+
+    def run(keep_h: bool):
+        torch.manual_seed(5)
+        model.zero_grad(set_to_none=True)
+        outer = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t) if keep_h else nullcontext()
+        with torch.autocast(DEV.type, dtype=torch.bfloat16, enabled=autocast), outer:
+            loss = model(input_ids=ids, labels=ids).loss
+        gc.collect()
+        h_alive = not seen[-1].expired()  # h's memory, held by h or by any view of it
+        loss.backward()
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, h_alive
+
+    loss, grads, h_alive = run(keep_h=False)
+    ref_loss, ref_grads, ref_alive = run(keep_h=True)
+    assert not h_alive, "the MLP's down projection input is still held after forward"
+    assert ref_alive == (dropout == 0 or autocast), "the reference run should keep h where LoRA A saves it"
+    assert torch.equal(loss, ref_loss)
+    assert grads.keys() == ref_grads.keys() and all(torch.equal(grads[n], ref_grads[n]) for n in grads)
