@@ -89,11 +89,12 @@ class LowBitLoraLinear(PeftLoraLinear):
             return super().forward(x, *args, **kwargs)
         self._check_forward_args(x)
         x2d = x.reshape(-1, x.shape[-1])
+        names = [n for n in self.active_adapters if n in self.lora_A]
+        if len(names) == 1 and (out := self._one_node(x2d, names[0])) is not None:
+            return out.view(*x.shape[:-1], out.shape[-1])
         out = self.base_layer(x2d)  # a new [M, N] tensor (frozen_forward), nobody's saved tensor: add into it
         dtype, shape = out.dtype, (*x.shape[:-1], out.shape[-1])
-        for name in self.active_adapters:
-            if name not in self.lora_A:
-                continue
+        for name in names:
             a, b = self.lora_A[name], self.lora_B[name]
             h = lora_a(a, self.lora_dropout[name], self._cast_input_dtype(x2d, a.weight.dtype))
             if out.dtype == h.dtype and out._base is None:
@@ -103,6 +104,19 @@ class LowBitLoraLinear(PeftLoraLinear):
             else:
                 out = torch.addmm(out.to(h.dtype), h, b.weight.t(), alpha=self.scaling[name])
         return out.view(shape).to(dtype)
+
+    def _one_node(self, x2d: torch.Tensor, name: str) -> torch.Tensor | None:
+        """The whole layer (base and adapter `name`) as one autograd node (lora_linear.py) where it applies, with
+        Triton's kernels on this input and XPU_LLM_FUSED_LORA_DROPOUT not 0; None otherwise."""
+        lin = triton_module("lora_linear")
+        a, b, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+        if (lin is None or os.environ.get("XPU_LLM_FUSED_LORA_DROPOUT", "1") == "0" or not use_kernels(x2d)
+                or self._cast_input_dtype(x2d, a.weight.dtype) is not x2d  # A in x's dtype, as under autocast
+                or not lin.applies(self.base_layer, a, b, dropout, x2d)):
+            return None
+        from ..lowbit.kernels import lowbit_matmul
+        return lin.lora_linear(x2d, self.base_layer, lowbit_matmul, a.weight, b.weight, lin.dropout_p(dropout),
+                               self.scaling[name])
 
     def _fused_ok(self) -> bool:
         """True when every active adapter is plain LoRA whose B is an ordinary local weight without a bias."""

@@ -165,3 +165,90 @@ def test_low_bit_lora_layer_takes_the_fused_dropout():
         plain = layer.base_layer(x.reshape(-1, 96)).float() + 2.0 * (x.reshape(-1, 96) @ a.T.to(x.dtype)).float() @ \
             b.T.float()
     assert rel(y_eval.reshape(-1, 64), plain) <= 1e-2
+
+
+@here
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_one_node_layer_equals_the_pieces(p, monkeypatch):
+    """Under autocast a LowBitLoraLinear runs as one autograd node (lora_linear.py): output and A / B gradients are
+    those of the separate pieces bit for bit (the same kernels in the same order, the same mask); the input
+    gradient is the base's plus the adapter's added in float32 inside the dropout kernel (one rounding, not two),
+    so equal to a bf16 rounding."""
+    import xpu_llm
+    from xpu_llm.finetune import add_lora
+    from xpu_llm.finetune import lora_linear
+
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=128)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).to(DEV)
+    model.requires_grad_(False)
+    xpu_llm.optimize_model(model, low_bit="nf4", group_size=32)
+    model = add_lora(model, r=4, lora_alpha=8, lora_dropout=p).train()
+    layer = model.base_model.model.model.layers[0].mlp.down_proj
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    with torch.no_grad():
+        b.normal_(0, 0.05)
+    x = torch.randn(3, 11, 96, generator=torch.Generator().manual_seed(1)).to(DEV, torch.bfloat16)
+    x.requires_grad_(True)
+    dy = torch.randn(3, 11, 64, generator=torch.Generator().manual_seed(2)).to(DEV, torch.bfloat16)
+
+    def run():
+        torch.manual_seed(9)
+        with torch.autocast(DEV.type, dtype=torch.bfloat16):
+            y = layer(x)
+        return (y, *torch.autograd.grad(y, (x, a, b), dy))
+
+    y, gx, ga, gb = run()
+    node = y.grad_fn.next_functions[0][0]
+    assert type(node).__name__ == "LoraLinearFunctionBackward", type(node).__name__
+    monkeypatch.setattr(lora_linear, "applies", lambda *args: False)
+    y0, gx0, ga0, gb0 = run()
+    assert type(y0.grad_fn.next_functions[0][0]).__name__ != "LoraLinearFunctionBackward"
+    assert torch.equal(y, y0) and torch.equal(ga, ga0) and torch.equal(gb, gb0)
+    assert gx.dtype == gx0.dtype == torch.bfloat16
+    assert (gx.float() - gx0.float()).abs().max() <= 2 ** -7 * gx0.float().abs().max()
+
+
+@here
+def test_one_node_checkpointed_model_trains_like_the_pieces(monkeypatch):
+    """A bf16 model with fused layers, reentrant checkpointing on its first layer (whose low-bit linears keep their
+    dequantized weight for backward) and LoRA dropout: the same loss, and adapter gradients within bf16 rounding
+    of the input gradients' single rounding, with and without the one-node layers."""
+    import xpu_llm
+    from xpu_llm.finetune import add_lora, checkpoint_layers, fuse_layers, lora_linear
+
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=128, initializer_range=0.2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).to(DEV, torch.bfloat16)
+    model.requires_grad_(False)
+    xpu_llm.optimize_model(model, low_bit="nf4", group_size=32)
+    fuse_layers(model)
+    checkpoint_layers(model, 1)
+    model = add_lora(model, r=4, lora_alpha=8, lora_dropout=0.1).train()
+    with torch.no_grad():
+        for n, w in model.named_parameters():
+            if "lora_B" in n:
+                w.normal_(0, 0.05)
+    ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(3)).to(DEV)
+
+    def run():
+        torch.manual_seed(5)
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(DEV.type, dtype=torch.bfloat16):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.detach(), {n: w.grad for n, w in model.named_parameters() if w.requires_grad}
+
+    calls = []
+    apply = lora_linear.LoraLinearFunction.apply
+    monkeypatch.setattr(lora_linear.LoraLinearFunction, "apply", lambda *args: calls.append(1) or apply(*args))
+    loss, grads = run()
+    # 7 linears a layer: the second layer's forward and the first one's recompute (its first forward runs without
+    # autograd, where the pieces run: nothing is recorded)
+    assert len(calls) == 7 * 2
+    monkeypatch.setattr(lora_linear, "applies", lambda *args: False)
+    ref_loss, ref_grads = run()
+    assert torch.equal(loss, ref_loss)
+    assert grads.keys() == ref_grads.keys() and all(rel(grads[n], ref_grads[n]) <= 2e-2 for n in grads)

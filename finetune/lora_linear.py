@@ -1,0 +1,93 @@
+"""A LoRA-adapted low-bit linear as one autograd node: y = base(x) + scaling * dropout(x) @ A^T @ B^T.
+
+Built from separate pieces (FrozenMatmul, the dropout-A product, a cast of B, an in-place addmm), one adapted
+linear makes five autograd nodes, and its backward two input gradients that autograd then adds (a [tokens,
+in_features] pass each). An 8B QLoRA step runs 224 such linears forward, again in recompute and backward, and
+waits on the host on most machines (H200: about 1,500 Triton launches and 2,000 autograd nodes a step). Here
+the forward makes the same kernels under one node; the backward computes the base's input gradient and lets the
+dropout-A backward kernel add its own into it (no separate add, no second [tokens, in_features] tensor).
+
+Numerics are those of the pieces: A and B rounded to x's dtype (as autocast casts them), the LoRA update added
+to the base output by one addmm, B's gradient rounded to x's dtype before float32 (as through autocast's cast);
+x's gradient is rounded once instead of twice. `LowBitLoraLinear` uses it for a plain LoRA adapter on a
+LowBitLinear without bias when Triton's kernels take the input (see `applies`); everything else keeps the
+pieces."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..lowbit.linear import LowBitLinear, keeps_weight
+from . import lora_dropout as kd
+
+
+def applies(base: nn.Module, a: nn.Module, b: nn.Module, dropout: nn.Module, x2d: Tensor) -> bool:
+    """Whether `lora_linear` computes this adapter: a LowBitLinear base without bias, plain nn.Linear A and B without
+    bias and not partitioned (ZeRO-3), dropout off or an active nn.Dropout with 0 < p < 1, and an input the
+    kernels take (bf16 / fp16, contiguous 2-D), with autograd recording."""
+    return (type(base) is LowBitLinear and base.bias is None and type(a) is nn.Linear and type(b) is nn.Linear
+            and a.bias is None and b.bias is None and not hasattr(a.weight, "ds_id")
+            and not hasattr(b.weight, "ds_id") and dropout_p(dropout) is not None and kd.supported(x2d, a.weight)
+            and torch.is_grad_enabled())
+
+
+def dropout_p(dropout: nn.Module) -> float | None:
+    """The dropout probability that `dropout` applies now: 0 for nn.Identity or an inactive nn.Dropout, p for an
+    active nn.Dropout with 0 < p < 1, None for anything else (p = 1, other modules)."""
+    if type(dropout) is nn.Identity:
+        return 0.0
+    if type(dropout) is nn.Dropout:
+        if not dropout.training or dropout.p == 0:
+            return 0.0
+        return dropout.p if 0 < dropout.p < 1 else None
+    return None
+
+
+def lora_linear(x2d: Tensor, base: nn.Module, matmul: Callable[[Tensor, nn.Module], Tensor], a_weight: Tensor,
+                b_weight: Tensor, p: float, scaling: float) -> Tensor:
+    """base(x2d) + scaling * dropout(x2d, p) @ a_weight^T @ b_weight^T as one autograd node (see the module
+    docstring); `matmul(x2d, base)` is the base's product. Call it when `applies` holds."""
+    return LoraLinearFunction.apply(x2d, a_weight, b_weight, base, matmul, p, scaling, keeps_weight(base))
+
+
+class LoraLinearFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2d: Tensor, a_weight: Tensor, b_weight: Tensor, base: nn.Module, matmul, p: float,
+                scaling: float, keep_w: bool) -> Tensor:
+        dtype = x2d.dtype
+        w = base.dequantize_weight(dtype) if keep_w else None
+        out = F.linear(x2d, w) if w is not None else matmul(x2d, base)
+        a = a_weight.detach().contiguous()
+        seed = kd.draw_seed() if p > 0 else 0
+        h = kd.forward(x2d, a, seed, p) if p > 0 else x2d @ a.to(dtype).t()
+        b = b_weight.detach().to(dtype)
+        out.addmm_(h, b.t(), alpha=scaling)
+        ctx.save_for_backward(x2d, a, b, h, w)
+        ctx.base, ctx.seed, ctx.p, ctx.scaling, ctx.b_dtype = base, seed, p, scaling, b_weight.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, dout: Tensor):
+        x2d, a, b, h, w = ctx.saved_tensors
+        want_dx, want_da, want_db = ctx.needs_input_grad[:3]
+        dout = dout.contiguous()
+        dh = torch.mm(dout, b).mul_(ctx.scaling)
+        db = torch.mm(h.t(), dout).mul_(ctx.scaling).t().to(ctx.b_dtype) if want_db else None
+        dx = None
+        if want_dx:
+            w = w if w is not None else ctx.base.dequantize_weight(dout.dtype)
+            dx = torch.mm(dout, w.to(dout.dtype))
+        da = None
+        if ctx.p > 0:
+            if want_dx or want_da:
+                dx, da = kd.backward(dh, x2d, a, ctx.seed, ctx.p, want_dx, want_da, dx=dx)
+        else:
+            if want_dx:
+                dx.addmm_(dh, a.to(dh.dtype))
+            if want_da:
+                da = torch.mm(dh.t(), x2d)
+        return dx, None if da is None else da.to(a.dtype), db, None, None, None, None, None
+
