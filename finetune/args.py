@@ -49,7 +49,7 @@ def add_train_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help="recompute activations in backward (less memory, ~30%% more compute)")
     t.add_argument("--uncheckpointed-layers", type=int, default=0, metavar="N",
                    help="the last N decoder layers keep their activations instead of recomputing them (speed for "
-                        "memory: ~0.46 GiB per layer at Llama-3-8B, seq 1024, batch 4, LoRA dropout on)")
+                        "memory: ~0.34 GiB per layer at Llama-3-8B, seq 1024, batch 4, LoRA dropout on)")
     t.add_argument("--fused-layers", action=argparse.BooleanOptionalAction, default=True,
                    help="Triton RMSNorm, SwiGLU and rotary embedding on GPUs (xpu_llm.finetune.fuse_layers; "
                         "no effect on CPUs)")
