@@ -111,15 +111,11 @@ def test_autograd_function_replays_its_mask_under_checkpointing(reentrant):
     assert rel(gw, dh.double().T @ (x0.double() * keep)) <= 1e-5
 
 
-@here
-def test_low_bit_lora_layer_takes_the_fused_dropout():
-    """A LowBitLoraLinear in training with dropout, under bf16 autocast: output and gradients equal base(x) +
-    scaling * B(A(x * keep / (1 - p))) in float64 with the mask of the seed the layer drew; in eval mode (no
-    dropout) the plain path."""
+def down_proj_with_lora(p: float):
+    """(model, its MLP down projection as a LowBitLoraLinear with B random, an input x [3, 11, 96] bf16 that needs
+    a gradient, an output gradient dy): a one-layer nf4 Llama with LoRA r 4 (alpha 8) and dropout p."""
     import xpu_llm
     from xpu_llm.finetune import add_lora
-    from xpu_llm.finetune import lora_dropout as ld
-    from xpu_llm.finetune.lora import LowBitLoraLinear
 
     cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
                                    num_key_value_heads=2, vocab_size=128)
@@ -127,15 +123,27 @@ def test_low_bit_lora_layer_takes_the_fused_dropout():
     model = transformers.LlamaForCausalLM(cfg).to(DEV)
     model.requires_grad_(False)
     xpu_llm.optimize_model(model, low_bit="nf4", group_size=32)
-    model = add_lora(model, r=4, lora_alpha=8, lora_dropout=0.2)
+    model = add_lora(model, r=4, lora_alpha=8, lora_dropout=p)
     layer = model.base_model.model.model.layers[0].mlp.down_proj
-    assert isinstance(layer, LowBitLoraLinear)
-    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     with torch.no_grad():
-        b.normal_(0, 0.05)
+        layer.lora_B["default"].weight.normal_(0, 0.05)
     x = torch.randn(3, 11, 96, generator=torch.Generator().manual_seed(1)).to(DEV, torch.bfloat16)
     x.requires_grad_(True)
     dy = torch.randn(3, 11, 64, generator=torch.Generator().manual_seed(2)).to(DEV, torch.bfloat16)
+    return model, layer, x, dy
+
+
+@here
+def test_low_bit_lora_layer_takes_the_fused_dropout():
+    """A LowBitLoraLinear in training with dropout, under bf16 autocast: output and gradients equal base(x) +
+    scaling * B(A(x * keep / (1 - p))) in float64 with the mask of the seed the layer drew; in eval mode (no
+    dropout) the plain path."""
+    from xpu_llm.finetune import lora_dropout as ld
+    from xpu_llm.finetune.lora import LowBitLoraLinear
+
+    model, layer, x, dy = down_proj_with_lora(0.2)
+    assert isinstance(layer, LowBitLoraLinear)
+    a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
     model.train()
     torch.manual_seed(9)
     with torch.autocast(DEV.type, dtype=torch.bfloat16):
@@ -174,24 +182,11 @@ def test_one_node_layer_equals_the_pieces(p, monkeypatch):
     those of the separate pieces bit for bit (the same kernels in the same order, the same mask); the input
     gradient is the base's plus the adapter's added in float32 inside the dropout kernel (one rounding, not two),
     so equal to a bf16 rounding."""
-    import xpu_llm
-    from xpu_llm.finetune import add_lora
     from xpu_llm.finetune import lora_linear
 
-    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
-                                   num_key_value_heads=2, vocab_size=128)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).to(DEV)
-    model.requires_grad_(False)
-    xpu_llm.optimize_model(model, low_bit="nf4", group_size=32)
-    model = add_lora(model, r=4, lora_alpha=8, lora_dropout=p).train()
-    layer = model.base_model.model.model.layers[0].mlp.down_proj
+    model, layer, x, dy = down_proj_with_lora(p)
+    model.train()
     a, b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-    with torch.no_grad():
-        b.normal_(0, 0.05)
-    x = torch.randn(3, 11, 96, generator=torch.Generator().manual_seed(1)).to(DEV, torch.bfloat16)
-    x.requires_grad_(True)
-    dy = torch.randn(3, 11, 64, generator=torch.Generator().manual_seed(2)).to(DEV, torch.bfloat16)
 
     def run():
         torch.manual_seed(9)
