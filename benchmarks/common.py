@@ -14,6 +14,12 @@ from typing import Any
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def sig(x: float, digits: int = 4) -> float:
+    """x rounded to `digits` significant digits (a tiny shape's rates do not round to 0, a large one's keep no
+    spurious decimals)."""
+    return float(f"{x:.{digits}g}")
+
+
 def write_atomic(path: str, text: str) -> None:
     """Write `text` to `path` through a temp file in the same folder + os.replace (never a half-written file)."""
     folder = os.path.dirname(os.path.abspath(path))

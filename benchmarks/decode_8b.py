@@ -46,7 +46,7 @@ import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import child_row, hf_generate_timed, machine_info, write_atomic  # noqa: E402
+from common import child_row, hf_generate_timed, machine_info, sig, write_atomic  # noqa: E402
 from parallel import PRESETS, TINY, free, materialise, peak_gib, shape_config, weight_bytes  # noqa: E402
 
 LOWBIT = ("sym_int4", "asym_int4", "nf4", "fp4", "sym_int8", "fp8_e4m3", "fp8_e5m2")
@@ -204,8 +204,8 @@ def derive(row: dict[str, Any], probe: dict[str, Any], cfg, bf16_prefill: float 
     row.update(ms_per_step=round(1000 * b / tps, 3) if tps else None, weights_mib_per_step=round(lin / 2**20, 1),
                bound_tok_s=round(bw / lin * b, 1), pct_bound=round(100 * tps * lin / (bw * b), 1),
                kv_mib_per_step=round(kv / 2**20, 1), pct_bound_with_kv=round(100 * tps * (lin + kv) / (bw * b), 1),
-               prefill_tflop=round(flops / 1e12, 4), prefill_tflop_s=round(flops / row["prefill_s"] / 1e12, 3),
-               prefill_pct_matmul=(round(100 * flops / row["prefill_s"] / 1e12 / probe["matmul_tflop_s"], 1)
+               prefill_tflop=sig(flops / 1e12), prefill_tflop_s=sig(flops / row["prefill_s"] / 1e12),
+               prefill_pct_matmul=(sig(100 * flops / row["prefill_s"] / 1e12 / probe["matmul_tflop_s"], 3)
                                    if probe["matmul_tflop_s"] else None),
                prefill_x_bf16=round(row["prefill_s"] / bf16_prefill, 3) if bf16_prefill else None)
     row["decode_tok_s"], row["prefill_s"] = round(tps, 2), round(row["prefill_s"], 4)

@@ -104,3 +104,17 @@ def test_decode_8b_smoke(tmp_path: Path) -> None:
 def test_scripts_start_with_their_command(script: str) -> None:
     first = (BENCH / script).read_text().splitlines()[0]
     assert first.startswith("# python benchmarks/" + script)
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in BENCH.glob("*.py")))
+def test_script_names_shadow_no_module(script: str) -> None:
+    """A script's folder comes first on sys.path when it runs, so a script named like an installed or standard
+    module would replace that module for everything the script imports (benchmarks/kernels.py did that to the
+    `kernels` package, which transformers 5.25 imports when it is installed)."""
+    import importlib.machinery
+
+    name = script.removesuffix(".py")
+    assert name not in sys.stdlib_module_names and name not in sys.builtin_module_names, name
+    elsewhere = [p for p in sys.path if p and Path(p).resolve() != BENCH]
+    spec = importlib.machinery.PathFinder.find_spec(name, elsewhere)
+    assert spec is None, f"benchmarks/{script} shadows {name} at {spec.origin}"

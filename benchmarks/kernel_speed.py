@@ -1,4 +1,4 @@
-# python benchmarks/kernels.py --out benchmarks/results/kernels_gpu.json   (from the repository root, on a GPU)
+# python benchmarks/kernel_speed.py --out benchmarks/results/kernels_gpu.json   (from the repository root, on a GPU)
 """Microbenchmark of the Triton low-bit matmul kernels, per format x shape x rows x kernel path, on the GPU that
 xpu_llm.device picks (XPU or CUDA).
 
@@ -186,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
     from xpu_llm.device import describe, get_device, is_gpu
     device = get_device()
     if not is_gpu(device):
-        print("benchmarks/kernels.py needs a GPU (XPU or CUDA); none found", file=sys.stderr)
+        print("benchmarks/kernel_speed.py needs a GPU (XPU or CUDA); none found", file=sys.stderr)
         return 2
     dtype = getattr(torch, args.dtype)
     shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",") if s]
