@@ -1,6 +1,7 @@
 # python benchmarks/qlora.py --out benchmarks/results/qlora_gpu.json      (from the repository root, on a GPU)
 # python benchmarks/qlora.py --shapes llama3-8b --engines xpu-llm --profile    (where a step's GPU time goes)
 # python benchmarks/qlora.py --shapes llama3-8b --engines xpu-llm,bnb --uncheckpointed-layers 0,4 --profile
+# python benchmarks/qlora.py --shapes llama3-8b --engines xpu-llm,bnb --uncheckpointed-layers 8,11 --rounds 2
 """QLoRA training speed and peak memory on random weights of a real model shape, side by side in one run:
 xpu-llm (HF model with LowBitLinear nf4 layers + LoRA through xpu_llm.finetune) and transformers + PEFT +
 bitsandbytes NF4 (when bitsandbytes is installed).
@@ -22,8 +23,9 @@ Engines:
   `fuse_layers` (Triton RMSNorm, SwiGLU and rotary embedding, as `xpu_llm.finetune.load_base` applies them),
   `checkpoint_layers` (reentrant; the last --uncheckpointed-layers N layers keep their activations, one row
   per value), `xpu_llm.finetune.add_lora` (whose LoRA update is one in-place addmm, and whose dropout is fused
-  into A's product: `XPU_LLM_FUSED_LORA_DROPOUT=0` for PEFT's own, an A/B in one machine); base float weights
-  bf16.
+  into A's product and each adapted linear is one autograd node: `XPU_LLM_FUSED_LORA_DROPOUT=0` for PEFT's
+  own pieces, an A/B in one machine); the MLP's down input recomputed in backward (fused.py); base float
+  weights bf16.
 - `bnb`: the QLoRA recipe of the PEFT/transformers docs: `bnb.nn.Linear4bit` nf4, double quantization, bf16
   compute (what `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
   bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=bfloat16)` builds; the output head stays bf16), then
@@ -33,6 +35,10 @@ Engines:
 - `bnb-bf16-nocast`: `bnb-bf16` with PEFT's input cast to the adapter's float32 turned off on every LoRA layer
   (`cast_input_dtype_enabled = False`, what `peft.helpers.disable_input_dtype_casting` sets), which xpu-llm's
   LoRA layers skip under autocast: the same change on the bitsandbytes side, for comparison.
+
+Rows run one after another, each in its own child process; `--rounds N` runs them all N times, every other
+round in reverse order: lent machines' host speed drifts during a run, and xpu-llm's steps wait on the host where
+bitsandbytes' wait on the device, so one round's order can favour a row.
 
 Outputs: JSON (machine, settings, rows) at --out and a markdown table next to it (.md), also printed."""
 from __future__ import annotations
@@ -265,20 +271,25 @@ def label(row: dict[str, Any]) -> str:
     return f"{row['engine']} ({kept} layers not recomputed)" if kept else row["engine"]
 
 
+def full_label(row: dict[str, Any]) -> str:
+    """label, with the round where --rounds > 1."""
+    return label(row) + (f", round {row['round']}" if "round" in row else "")
+
+
 def table(rows: list[dict[str, Any]]) -> str:
     out = ["| shape | engine | seq x batch | tokens/s | step s | peak GiB | weights GiB | fits 16 GiB | note |",
            "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['shape']} | {label(r)} | | | | | | | {r['error']} |")
+            out.append(f"| {r['shape']} | {full_label(r)} | | | | | | | {r['error']} |")
             continue
-        out.append(f"| {r['shape']} | {label(r)} | {r['seq']} x {r['batch']} | {r['tokens_per_s']:.0f} | "
+        out.append(f"| {r['shape']} | {full_label(r)} | {r['seq']} x {r['batch']} | {r['tokens_per_s']:.0f} | "
                    f"{r['step_s']:.3f} | {r['peak_gib']:.2f} | {r['weights_gib']:.2f} | "
                    f"{'yes' if r['fits_16gib'] else 'no'} | loss {r['loss']} |")
     for r in rows:
         if r.get("profile_ms"):
             total = sum(r["profile_ms"].values())
-            out.append(f"\n{label(r)}, one step's device kernel time: {total:.0f} ms "
+            out.append(f"\n{full_label(r)}, one step's device kernel time: {total:.0f} ms "
                        f"({100 * total / (1000 * r['step_s']):.0f}% of the timed step; the rest the device waits "
                        "for the host); "
                        + ", ".join(f"{c} {ms:.0f} ({100 * ms / total:.0f}%)" for c, ms in r["profile_ms"].items()))
@@ -286,12 +297,14 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 
 def ratios(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """Each xpu-llm row's tokens/s and peak memory over each bitsandbytes row's, per shape."""
+    """Each xpu-llm row's tokens/s and peak memory over each bitsandbytes row's, per shape (and per round: rows
+    of one round are compared with each other only)."""
     out = {}
     ok = [r for r in rows if "error" not in r]
     for ours in (r for r in ok if r["engine"] == "xpu-llm"):
-        for other in (r for r in ok if r["engine"] != "xpu-llm" and r["shape"] == ours["shape"]):
-            out[f"{ours['shape']}/{label(ours)}/{other['engine']}"] = {
+        for other in (r for r in ok if r["engine"] != "xpu-llm" and r["shape"] == ours["shape"]
+                      and r.get("round") == ours.get("round")):
+            out[f"{ours['shape']}/{full_label(ours)}/{other['engine']}"] = {
                 "speedup": round(ours["tokens_per_s"] / other["tokens_per_s"], 3),
                 "memory_ratio": round(ours["peak_gib"] / other["peak_gib"], 3)}
     return out
@@ -315,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
                          "(xpu_llm.finetune.checkpoint_layers)")
     ap.add_argument("--device", default=None, help="default: xpu > cuda > cpu")
     ap.add_argument("--profile", action="store_true", help="also profile one step: device kernel time by category")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every row this many times, in reverse order every other round (a machine whose host "
+                         "slows down during the run then favours no row); each round's rows are compared within it")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per engine and shape")
     ap.add_argument("--out", default=None, help="JSON path (a .md table is written next to it)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
@@ -328,13 +344,16 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     kept = [int(v) for v in str(args.uncheckpointed_layers).split(",") if v.strip()]
+    if args.rounds < 1:
+        ap.error(f"--rounds must be at least 1, got {args.rounds}")
+    plan = [(shape, engine, n) for shape in shapes for engine in engines
+            for n in (kept if engine == "xpu-llm" else [0])]
     rows = []
-    for shape in shapes:
-        for engine in engines:
-            for n in kept if engine == "xpu-llm" else [0]:
-                row = run_one(engine, shape, args, n)
-                print(json.dumps(row), file=sys.stderr, flush=True)
-                rows.append(row)
+    for i in range(args.rounds):
+        for shape, engine, n in plan if i % 2 == 0 else plan[::-1]:
+            row = run_one(engine, shape, args, n) | ({"round": i + 1} if args.rounds > 1 else {})
+            print(json.dumps(row), file=sys.stderr, flush=True)
+            rows.append(row)
     result = {"benchmark": "qlora", "date": datetime.datetime.now().isoformat(timespec="seconds"),
               "machine": machine_info(threads=0, peers=False), "settings": {k: v for k, v in vars(args).items()
                                                                              if k not in ("child", "out")},

@@ -118,3 +118,24 @@ def test_script_names_shadow_no_module(script: str) -> None:
     elsewhere = [p for p in sys.path if p and Path(p).resolve() != BENCH]
     spec = importlib.machinery.PathFinder.find_spec(name, elsewhere)
     assert spec is None, f"benchmarks/{script} shadows {name} at {spec.origin}"
+
+
+def test_qlora_smoke(tmp_path: Path) -> None:
+    """benchmarks/qlora.py on the tiny shape on the CPU, two rounds (the second in reverse order): every xpu-llm
+    row trains to a finite loss; a bitsandbytes row runs or says it is not installed."""
+    out = tmp_path / "q.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    p = subprocess.run([sys.executable, str(BENCH / "qlora.py"), "--shape", "tiny", "--device", "cpu", "--engines",
+                        "xpu-llm,bnb", "--uncheckpointed-layers", "0,1", "--steps", "2", "--warmup", "1",
+                        "--rounds", "2", "--out", str(out)], capture_output=True, text=True, timeout=300, env=env)
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    order = [(r["round"], r["engine"], r.get("uncheckpointed_layers")) for r in rows]
+    assert order == [(1, "xpu-llm", 0), (1, "xpu-llm", 1), (1, "bnb", None),
+                     (2, "bnb", None), (2, "xpu-llm", 1), (2, "xpu-llm", 0)], order
+    for r in rows:
+        if r["engine"] == "bnb" and "error" in r:
+            assert "bitsandbytes" in r["error"]
+            continue
+        assert r["finite"] and _positive(r["tokens_per_s"]) and _positive(r["peak_gib"]), r
+    assert "| tiny | xpu-llm (1 layers not recomputed), round 2 |" in p.stdout
