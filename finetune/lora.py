@@ -16,6 +16,7 @@ from peft.tuners.tuners_utils import check_adapters_to_merge
 from torch import nn
 
 from ..errors import XpuLLMError
+from ..lowbit.kernels import lowbit_matmul
 from ..lowbit.linear import LowBitLinear
 from .fused import triton_module, use_kernels
 from .storage import PackedLowBitLinear
@@ -114,7 +115,6 @@ class LowBitLoraLinear(PeftLoraLinear):
                 or self._cast_input_dtype(x2d, a.weight.dtype) is not x2d  # A in x's dtype, as under autocast
                 or not lin.applies(self.base_layer, a, b, dropout, x2d)):
             return None
-        from ..lowbit.kernels import lowbit_matmul
         return lin.lora_linear(x2d, self.base_layer, lowbit_matmul, a.weight, b.weight, lin.dropout_p(dropout),
                                self.scaling[name])
 
