@@ -127,7 +127,8 @@ class FusedSwiGLUMLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         g, u = self.gate_proj(x), self.up_proj(x)
         h = swiglu(g, u)
-        if not torch.is_grad_enabled() or torch.compiler.is_compiling() or not _no_outer_saved_tensor_hooks():
+        if (not torch.is_grad_enabled() or h.numel() == 0 or torch.compiler.is_compiling()
+                or not _no_outer_saved_tensor_hooks()):
             return self.down_proj(h)
         with _SavedAsRecomputed(h, lambda: swiglu(g.detach(), u.detach())):
             return self.down_proj(h)
