@@ -45,12 +45,18 @@ def layer_device(layer: nn.Module) -> torch.device:
     return t.device
 
 
+def fused_lora_on() -> bool:
+    """False when XPU_LLM_FUSED_LORA_DROPOUT=0: PEFT's own dropout, A and B modules for every LoRA layer (an A/B
+    switch; the fused kernels and the one-node layer are the default)."""
+    return os.environ.get("XPU_LLM_FUSED_LORA_DROPOUT", "1") != "0"
+
+
 def lora_a(a: nn.Module, dropout: nn.Module, x2d: torch.Tensor) -> torch.Tensor:
     """a(dropout(x2d)): through lora_dropout's fused kernels when dropout is active and the kernels take the
     input (a GPU tensor, or a CPU one under Triton's interpreter), so neither the dropped-out input nor its mask
     is written or kept for backward; PEFT's modules otherwise, or when XPU_LLM_FUSED_LORA_DROPOUT=0."""
     k = triton_module("lora_dropout")
-    if (k is not None and os.environ.get("XPU_LLM_FUSED_LORA_DROPOUT", "1") != "0" and type(dropout) is nn.Dropout
+    if (k is not None and fused_lora_on() and type(dropout) is nn.Dropout
             and dropout.training and 0 < dropout.p < 1 and type(a) is nn.Linear and a.bias is None
             and not hasattr(a.weight, "ds_id") and use_kernels(x2d) and k.supported(x2d, a.weight)):
         return k.dropout_lora_a(x2d, a.weight, dropout.p)
@@ -111,7 +117,7 @@ class LowBitLoraLinear(PeftLoraLinear):
         Triton's kernels on this input and XPU_LLM_FUSED_LORA_DROPOUT not 0; None otherwise."""
         lin = triton_module("lora_linear")
         a, b, dropout = self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
-        if (lin is None or os.environ.get("XPU_LLM_FUSED_LORA_DROPOUT", "1") == "0" or not use_kernels(x2d)
+        if (lin is None or not fused_lora_on() or not use_kernels(x2d)
                 or self._cast_input_dtype(x2d, a.weight.dtype) is not x2d  # A in x's dtype, as under autocast
                 or not lin.applies(self.base_layer, a, b, dropout, x2d)):
             return None
