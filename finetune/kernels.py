@@ -16,7 +16,6 @@ from torch import Tensor
 
 from ..lowbit.kernels.triton_common import cast
 from ..lowbit.kernels.triton_gemv import soft_bf16 as interpreting  # Triton runs interpreted (cached)
-from ..lowbit.kernels.triton_launch import launch
 
 MAX_COLS = 65536  # one row per program, held in registers
 
@@ -118,9 +117,10 @@ def rope(x: Tensor, cos: Tensor, sin: Tensor, backward: bool = False, out: Tenso
     assert out.shape == x.shape and out.stride(-1) == 1, "out must be shaped like x, with contiguous head_dim"
     sc_b = 0 if cos.shape[0] == 1 else cos.stride(0)
     if x.numel():
-        launch(_rope, (b * t,), x, cos, sin, out, t, h, x.stride(0), x.stride(1), x.stride(2), sc_b, cos.stride(1),
-               out.stride(0), out.stride(1), out.stride(2), HALF=d // 2, BLOCK_H=triton.next_power_of_2(h),
-               BACKWARD=backward, SOFT_BF16=interpreting(), num_warps=4)
+        _rope[(b * t,)](x, cos, sin, out, t, h, x.stride(0), x.stride(1), x.stride(2), sc_b, cos.stride(1),
+                        out.stride(0), out.stride(1), out.stride(2), HALF=d // 2,
+                        BLOCK_H=triton.next_power_of_2(h), BACKWARD=backward, SOFT_BF16=interpreting(),
+                        num_warps=4)
     return out
 
 
@@ -135,8 +135,8 @@ def swiglu_forward(g: Tensor, u: Tensor, out: Tensor | None = None) -> Tensor:
         out = torch.empty_like(g, dtype=torch.promote_types(g.dtype, u.dtype))
     n = g.numel()
     if n:
-        launch(_swiglu_fwd, (triton.cdiv(n, SWIGLU_BLOCK),), g, u, out, n, BLOCK=SWIGLU_BLOCK, num_warps=4,
-               SOFT_BF16=interpreting())
+        _swiglu_fwd[(triton.cdiv(n, SWIGLU_BLOCK),)](g, u, out, n, BLOCK=SWIGLU_BLOCK, num_warps=4,
+                                                       SOFT_BF16=interpreting())
     return out
 
 
@@ -147,12 +147,12 @@ def swiglu_backward(dh: Tensor, g: Tensor, u: Tensor,
     dg, du = out if out is not None else (torch.empty_like(g), torch.empty_like(u))
     n = g.numel()
     if n:
-        launch(_swiglu_bwd, (triton.cdiv(n, SWIGLU_BLOCK),), dh, g, u, dg, du, n, BLOCK=SWIGLU_BLOCK, num_warps=4,
-               SOFT_BF16=interpreting())
+        _swiglu_bwd[(triton.cdiv(n, SWIGLU_BLOCK),)](dh, g, u, dg, du, n, BLOCK=SWIGLU_BLOCK, num_warps=4,
+                                                       SOFT_BF16=interpreting())
     return dg, du
 
 
-def _row_options(n_cols: int) -> dict:
+def _launch(n_cols: int) -> dict:
     block = triton.next_power_of_2(n_cols)
     return dict(BLOCK=block, num_warps=min(16, max(1, block // 512)), SOFT_BF16=interpreting())
 
@@ -166,7 +166,7 @@ def rms_norm_forward(x2d: Tensor, weight: Tensor, eps: float, out: Tensor | None
         out = torch.empty_like(x2d, dtype=torch.promote_types(x2d.dtype, weight.dtype))
     rstd = torch.empty(rows, device=x2d.device, dtype=torch.float32)
     if rows:
-        launch(_rms_norm_fwd, (rows,), x2d, weight, out, rstd, n, eps, **_row_options(n))
+        _rms_norm_fwd[(rows,)](x2d, weight, out, rstd, n, eps, **_launch(n))
     return out, rstd
 
 
@@ -177,5 +177,5 @@ def rms_norm_backward(dy2d: Tensor, x2d: Tensor, weight: Tensor, rstd: Tensor, o
     if out is None:
         out = torch.empty_like(x2d)
     if rows:
-        launch(_rms_norm_bwd, (rows,), dy2d, x2d, weight, rstd, out, n, **_row_options(n))
+        _rms_norm_bwd[(rows,)](dy2d, x2d, weight, rstd, out, n, **_launch(n))
     return out

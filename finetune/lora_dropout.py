@@ -35,7 +35,6 @@ from torch import Tensor
 
 from ..lowbit.kernels.triton_common import cast
 from ..lowbit.kernels.triton_gemv import soft_bf16 as interpreting
-from ..lowbit.kernels.triton_launch import launch
 
 COLS = 64  # the mask is drawn per block of 64 columns of one row; every kernel tiles the input's columns by it
 ROUNDS = 7  # Philox rounds
@@ -172,8 +171,9 @@ def forward(x2d: Tensor, a: Tensor, seed: int, p: float) -> Tensor:
     r = a.shape[0]
     h = torch.empty((t, r), dtype=x2d.dtype, device=x2d.device)
     bt, warps = FWD
-    launch(_lora_dropout_fwd, (triton.cdiv(t, bt),), x2d, a, seed, h, t, k, r, triton.cdiv(k, COLS), threshold(p),
-           keep_scale(p), BT=bt, RP=_rank_pad(r), ROUNDS=ROUNDS, SOFT_BF16=interpreting(), num_warps=warps)
+    _lora_dropout_fwd[(triton.cdiv(t, bt),)](x2d, a, seed, h, t, k, r, triton.cdiv(k, COLS), threshold(p),
+                                             keep_scale(p), BT=bt, RP=_rank_pad(r), ROUNDS=ROUNDS,
+                                             SOFT_BF16=interpreting(), num_warps=warps)
     return h
 
 
@@ -196,9 +196,10 @@ def backward(dh: Tensor, x2d: Tensor, a: Tensor, seed: int, p: float, want_dx: b
     elif want_dx:
         dx = torch.empty((t, k), dtype=x2d.dtype, device=x2d.device)
     part = torch.empty((splits, r, k), dtype=torch.float32, device=x2d.device) if want_da else None
-    launch(_lora_dropout_bwd, (splits, n_kb), dh, x2d, a, seed, dx, part, t, k, r, n_kb, per, threshold(p),
-           keep_scale(p), BT=bt, RP=_rank_pad(r), ROUNDS=ROUNDS, SOFT_BF16=interpreting(), WANT_DX=want_dx,
-           WANT_DA=want_da, ACCUM=accum, num_warps=warps, num_stages=BWD_STAGES)
+    _lora_dropout_bwd[(splits, n_kb)](dh, x2d, a, seed, dx, part, t, k, r, n_kb, per, threshold(p), keep_scale(p),
+                                      BT=bt, RP=_rank_pad(r), ROUNDS=ROUNDS, SOFT_BF16=interpreting(),
+                                      WANT_DX=want_dx, WANT_DA=want_da, ACCUM=accum, num_warps=warps,
+                                      num_stages=BWD_STAGES)
     return dx, None if part is None else part[0] if splits == 1 else part.sum(0)
 
 
@@ -206,8 +207,8 @@ def keep_mask(seed: int, rows: int, cols: int, p: float, device: torch.device) -
     """The keep mask [rows, cols] (bool) that `seed` gives the kernels above."""
     out = torch.empty((rows, cols), dtype=torch.uint8, device=device)
     bt, n_kb = 16, triton.cdiv(cols, COLS)
-    launch(_lora_dropout_mask, (triton.cdiv(rows, bt), n_kb), seed, out, rows, cols, n_kb, threshold(p), BT=bt,
-           ROUNDS=ROUNDS)
+    _lora_dropout_mask[(triton.cdiv(rows, bt), n_kb)](seed, out, rows, cols, n_kb, threshold(p), BT=bt,
+                                                      ROUNDS=ROUNDS)
     return out.bool()
 
 

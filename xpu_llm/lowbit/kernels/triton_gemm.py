@@ -18,7 +18,6 @@ from torch import Tensor
 from . import triton_gemv
 from .triton_common import _MAGIC, ASYM_INT4, SYM_INT8, cast, decode_codes, load_tile
 from .triton_gemv import _load_step, groups_per_split, reduce_splits, soft_bf16
-from .triton_launch import launch
 
 
 @dataclass(frozen=True)
@@ -131,11 +130,13 @@ def dot(x2d: Tensor, args: dict, cfg: DotConfig, out: Tensor, partial: Tensor | 
     else:
         dest, stride_s = out, 0
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n), split)
-    launch(_dot_kernel, grid, x2d, args["q"], args["s"], args["z"], args["lut"], dest, m, n, k, x2d.stride(0),
-           args["q"].stride(0), args["s"].stride(0), n, stride_s, per, _MAGIC.value, FMT=args["fmt_id"], G=g,
-           SCALE_MUL=args["scale_mul"], SOFT_BF16=soft_bf16(), DOT_F32=dot_f32, INPLACE=triton_gemv.INPLACE,
-           EVEN_N=n % cfg.block_n == 0, EVEN_G=per % cfg.ng == 0 and (k // g) % cfg.ng == 0, BLOCK_M=cfg.block_m,
-           BLOCK_N=cfg.block_n, NG=cfg.ng, GROUP_M=cfg.group_m, num_warps=cfg.warps, num_stages=cfg.stages)
+    _dot_kernel[grid](x2d, args["q"], args["s"], args["z"], args["lut"], dest,
+                      m, n, k, x2d.stride(0), args["q"].stride(0), args["s"].stride(0), n, stride_s, per,
+                      _MAGIC.value, FMT=args["fmt_id"], G=g, SCALE_MUL=args["scale_mul"], SOFT_BF16=soft_bf16(),
+                      DOT_F32=dot_f32, INPLACE=triton_gemv.INPLACE, EVEN_N=n % cfg.block_n == 0,
+                      EVEN_G=per % cfg.ng == 0 and (k // g) % cfg.ng == 0,
+                      BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, NG=cfg.ng, GROUP_M=cfg.group_m,
+                      num_warps=cfg.warps, num_stages=cfg.stages)
     if split > 1:
         reduce_splits(partial, out)
     return out
@@ -165,7 +166,8 @@ def dequantize(args: dict, out: Tensor, block_n: int = 32, ng: int = 4) -> Tenso
     assert out.shape == (n, k) and out.stride(1) == 1, "out must be an [N, K] tensor with contiguous rows"
     ng = max(1, min(ng, triton.next_power_of_2(k // g)))
     grid = (triton.cdiv(n, block_n), triton.cdiv(k // g, ng))
-    launch(_dequant_kernel, grid, args["q"], args["s"], args["z"], args["lut"], out, n, k, args["q"].stride(0),
-           args["s"].stride(0), out.stride(0), _MAGIC.value, FMT=args["fmt_id"], G=g, SCALE_MUL=args["scale_mul"],
-           SOFT_BF16=soft_bf16(), BLOCK_N=block_n, NG=ng, INPLACE=triton_gemv.INPLACE, num_warps=4)
+    _dequant_kernel[grid](args["q"], args["s"], args["z"], args["lut"], out, n, k,
+                          args["q"].stride(0), args["s"].stride(0), out.stride(0), _MAGIC.value,
+                          FMT=args["fmt_id"], G=g, SCALE_MUL=args["scale_mul"], SOFT_BF16=soft_bf16(),
+                          BLOCK_N=block_n, NG=ng, INPLACE=triton_gemv.INPLACE, num_warps=4)
     return out

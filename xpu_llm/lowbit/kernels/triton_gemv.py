@@ -22,7 +22,6 @@ import triton.language as tl
 from torch import Tensor
 
 from .triton_common import ASYM_INT4, NF4, SYM_INT8, _MAGIC, cast, decode_codes
-from .triton_launch import launch
 
 
 # Decode sym/asym int4 and sym_int8 with their fields in place (triton_common.decode_inplace: fewer instructions
@@ -150,8 +149,8 @@ def reduce_splits(partial: Tensor, out: Tensor) -> Tensor:
     """Sum a [split, M, N] float32 workspace into `out` [M, N] (contiguous)."""
     mn = out.numel()
     block = 1024
-    launch(_splitk_reduce, (triton.cdiv(mn, block),), partial, out, mn, partial.shape[0], SOFT_BF16=soft_bf16(),
-           BLOCK=block, num_warps=4)
+    _splitk_reduce[(triton.cdiv(mn, block),)](partial, out, mn, partial.shape[0], SOFT_BF16=soft_bf16(),
+                                               BLOCK=block, num_warps=4)
     return out
 
 
@@ -173,11 +172,12 @@ def gemv(x2d: Tensor, args: dict, cfg: GemvConfig, out: Tensor, partial: Tensor 
     grid = (triton.cdiv(n, cfg.block_n), split)
     pairs = cfg.pairs and args["fmt_id"] == NF4
     lut = args["lut2"] if pairs else args["lut"]
-    launch(_gemv_kernel, grid, x2d, args["q"], args["s"], args["z"], lut, dest, n, k, args["q"].stride(0),
-           args["s"].stride(0), n, per, _MAGIC.value, FMT=args["fmt_id"], G=g, SCALE_MUL=args["scale_mul"],
-           SOFT_BF16=soft_bf16(), BLOCK_N=cfg.block_n, NG=cfg.ng, INPLACE=INPLACE,
-           X_PAIRS=x2d.dtype == torch.bfloat16 and x2d.data_ptr() % 4 == 0, EVEN_N=n % cfg.block_n == 0,
-           EVEN_G=per % cfg.ng == 0 and (k // g) % cfg.ng == 0, NF4_PAIRS=pairs, num_warps=cfg.warps)
+    _gemv_kernel[grid](x2d, args["q"], args["s"], args["z"], lut, dest, n, k, args["q"].stride(0), args["s"].stride(0),
+                       n, per, _MAGIC.value, FMT=args["fmt_id"], G=g,
+                       SCALE_MUL=args["scale_mul"], SOFT_BF16=soft_bf16(), BLOCK_N=cfg.block_n, NG=cfg.ng,
+                       INPLACE=INPLACE, X_PAIRS=x2d.dtype == torch.bfloat16 and x2d.data_ptr() % 4 == 0,
+                       EVEN_N=n % cfg.block_n == 0, EVEN_G=per % cfg.ng == 0 and (k // g) % cfg.ng == 0,
+                       NF4_PAIRS=pairs, num_warps=cfg.warps)
     if split > 1:
         reduce_splits(partial, out)
     return out
