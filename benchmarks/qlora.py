@@ -2,6 +2,7 @@
 # python benchmarks/qlora.py --shapes llama3-8b --engines xpu-llm --profile    (where a step's GPU time goes)
 # python benchmarks/qlora.py --shapes llama3-8b --engines xpu-llm,bnb --uncheckpointed-layers 0,4 --profile
 # python benchmarks/qlora.py --shapes llama3-8b --engines xpu-llm,bnb --uncheckpointed-layers 8,11 --rounds 2
+# taskset -c 2,3 python benchmarks/qlora.py --shapes llama3-8b --engines xpu-llm --uncheckpointed-layers 8
 """QLoRA training speed and peak memory on random weights of a real model shape, side by side in one run:
 xpu-llm (HF model with LowBitLinear nf4 layers + LoRA through xpu_llm.finetune) and transformers + PEFT +
 bitsandbytes NF4 (when bitsandbytes is installed).
@@ -38,7 +39,8 @@ Engines:
 
 Rows run one after another, each in its own child process; `--rounds N` runs them all N times, every other
 round in reverse order: lent machines' host speed drifts during a run, and xpu-llm's steps wait on the host where
-bitsandbytes' wait on the device, so one round's order can favour a row.
+bitsandbytes' wait on the device, so one round's order can favour a row. Pinning the process to two cores (`taskset -c 2,3`,
+above) ran xpu-llm's rows ~20% faster on one H200 host (results/qlora_h200_affinity.md).
 
 Outputs: JSON (machine, settings, rows) at --out and a markdown table next to it (.md), also printed."""
 from __future__ import annotations
