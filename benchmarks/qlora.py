@@ -39,8 +39,8 @@ Engines:
 
 Rows run one after another, each in its own child process; `--rounds N` runs them all N times, every other
 round in reverse order: lent machines' host speed drifts during a run, and xpu-llm's steps wait on the host where
-bitsandbytes' wait on the device, so one round's order can favour a row. Pinning the process to two cores (`taskset -c 2,3`,
-above) ran xpu-llm's rows ~20% faster on one H200 host (results/qlora_h200_affinity.md).
+bitsandbytes' wait on the device, so one round's order can favour a row. Pinning the process to two cores
+(`taskset -c 2,3`, above) ran xpu-llm's rows ~20% faster on one H200 host (results/qlora_h200_affinity.md).
 
 Outputs: JSON (machine, settings, rows) at --out and a markdown table next to it (.md), also printed."""
 from __future__ import annotations
