@@ -25,8 +25,10 @@ Engines:
   `checkpoint_layers` (reentrant; the last --uncheckpointed-layers N layers keep their activations, one row
   per value), `xpu_llm.finetune.add_lora` (whose LoRA update is one in-place addmm, and whose dropout is fused
   into A's product and each adapted linear is one autograd node: `XPU_LLM_FUSED_LORA_DROPOUT=0` for PEFT's
-  own pieces, an A/B in one machine); the MLP's down input recomputed in backward (fused.py); base float
-  weights bf16.
+  own pieces, an A/B in one machine); the MLP's down input recomputed in backward (fused.py); the trainer's
+  loss, with the output head fused into the cross-entropy chunk by chunk (finetune/loss.py: no [tokens, vocab]
+  logits kept, ~4 GiB less at the peak for this shape; `XPU_LLM_FUSED_LOSS=0` for the HF model's own loss, an
+  A/B); base float weights bf16.
 - `bnb`: the QLoRA recipe of the PEFT/transformers docs: `bnb.nn.Linear4bit` nf4, double quantization, bf16
   compute (what `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
   bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=bfloat16)` builds; the output head stays bf16), then
@@ -182,9 +184,15 @@ def run_child(engine: str, shape: str, args: argparse.Namespace) -> dict[str, An
     gen = torch.Generator(device=device).manual_seed(0)
     ids = torch.randint(0, spec["config"]["vocab_size"], (batch, seq), device=device, generator=gen)
 
+    if engine == "xpu-llm":  # the trainer's loss: the output head fused into the cross-entropy
+        from xpu_llm.finetune.loss import mean_loss
+    else:
+        def mean_loss(model, ids):
+            return model(input_ids=ids, labels=ids).loss
+
     def step() -> float:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=not is_cpu(device)):
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = mean_loss(model, ids)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -203,7 +211,10 @@ def run_child(engine: str, shape: str, args: argparse.Namespace) -> dict[str, An
         dt = time.perf_counter() - t1
     peak = max_memory_allocated(device)
     extra = {"profile_ms": profile_step(step, device)} if args.profile else {}
-    kept = {"uncheckpointed_layers": int(args.uncheckpointed_layers)} if engine == "xpu-llm" else {}
+    kept = {}
+    if engine == "xpu-llm":
+        from xpu_llm.finetune.loss import fused_enabled
+        kept = {"uncheckpointed_layers": int(args.uncheckpointed_layers), "fused_loss": fused_enabled()}
     return {**extra, "engine": engine, **kept, "shape": shape, "seq": seq, "batch": batch, "steps": args.steps,
             "tokens_per_s": round(batch * seq * args.steps / dt, 1), "step_s": round(dt / args.steps, 4),
             "peak_gib": round(peak / GIB, 3), "weights_gib": round(weights / GIB, 3),
@@ -270,7 +281,8 @@ def run_one(engine: str, shape: str, args: argparse.Namespace, kept: int = 0) ->
 def label(row: dict[str, Any]) -> str:
     """The engine, with the number of layers that keep their activations where there are any."""
     kept = row.get("uncheckpointed_layers", 0)
-    return f"{row['engine']} ({kept} layers not recomputed)" if kept else row["engine"]
+    name = row["engine"] + (", HF loss" if row.get("fused_loss") is False else "")
+    return f"{name} ({kept} layers not recomputed)" if kept else name
 
 
 def full_label(row: dict[str, Any]) -> str:

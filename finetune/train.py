@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..errors import XpuLLMError
 from . import checkpoint as ckpt
 from .args import build_parser
-from .data import IGNORE, GlobalBatches, build_examples, collate, count_targets, pack, read_jsonl, split_heldout
+from .data import GlobalBatches, build_examples, collate, count_targets, pack, read_jsonl, split_heldout
 from .gc_steps import StepGC
+from .loss import loss_sum
 
 log = logging.getLogger(__name__)
 
@@ -72,18 +72,6 @@ def lr_lambda(kind: str, warmup: int, total: int):
         frac = min(1.0, (s - warmup) / max(1, total - warmup))
         return 0.5 * (1 + math.cos(math.pi * frac)) if kind == "cosine" else 1.0 - frac
     return f
-
-
-def loss_sum(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Summed cross-entropy over the answer tokens of a batch; the LM head runs only at positions that
-    predict one (logits_to_keep), which spares most of the vocabulary matmul for prompts."""
-    labels = batch["labels"]
-    targets = labels[:, 1:]
-    keep = (targets != IGNORE).any(0).nonzero().squeeze(1)
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
-    return F.cross_entropy(logits.float().flatten(0, 1), targets[:, keep].flatten(), ignore_index=IGNORE,
-                           reduction="sum")
 
 
 def all_sum(acc: Any, *values: float) -> list[float]:
