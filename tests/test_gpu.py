@@ -109,6 +109,29 @@ def test_lowbit_backward_uses_exact_weight(low_bit):
                                    atol=1e-3 if dtype == torch.bfloat16 else 1e-6)
 
 
+def test_fused_head_loss_under_bf16_autocast():
+    """The training loss with the nf4 output head fused into the cross-entropy (finetune/loss.py), over several
+    chunks under bf16 autocast, against the float64 loss and input gradient on the same dequantized weight."""
+    import torch.nn.functional as F
+
+    from xpu_llm.finetune.loss import head_cross_entropy
+    from xpu_llm.lowbit.formats import get_format
+    from xpu_llm.lowbit.linear import LowBitLinear
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(1000, 256, generator=gen) * 0.05
+    head = LowBitLinear.from_quantized(get_format("nf4").quantize(w, 64), 256, 1000, "nf4", 64).to(GPU)
+    h = torch.randn(300, 256, generator=gen).to(GPU, torch.bfloat16).requires_grad_()
+    t = torch.randint(0, 1000, (300,), generator=gen).to(GPU)
+    with torch.autocast(GPU.type, dtype=torch.bfloat16):
+        loss = head_cross_entropy(h, head, t, chunk_bytes=4 * 1000 * 128)  # 3 chunks, the last partial
+    loss.backward()
+    hd = h.detach().double().requires_grad_()
+    ref = F.cross_entropy(hd @ head.dequantize_weight(torch.float32).double().T, t, reduction="sum")
+    ref.backward()
+    assert abs(loss.item() - ref.item()) < 2e-3 * abs(ref.item())  # bf16 logits
+    assert ((h.grad.double() - hd.grad).norm() / hd.grad.norm()).item() < 2e-2
+
+
 @pytest.mark.parametrize("low_bit", [None, "auto", "sym_int4", "asym_int4", "nf4", "fp4", "sym_int8", "fp8_e4m3",
                                      "fp8_e5m2"], ids=lambda f: str(f))
 def test_smollm2_gpu_greedy_equals_cpu(smollm2_path, low_bit):
