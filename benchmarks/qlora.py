@@ -27,8 +27,8 @@ Engines:
   into A's product and each adapted linear is one autograd node: `XPU_LLM_FUSED_LORA_DROPOUT=0` for PEFT's
   own pieces, an A/B in one machine); the MLP's down input recomputed in backward (fused.py); the trainer's
   loss, with the output head fused into the cross-entropy chunk by chunk (finetune/loss.py: no [tokens, vocab]
-  logits kept: 15.3 -> 11.6 GiB at the peak of this shape on an H200, results/qlora_h200_fused_loss.md; `XPU_LLM_FUSED_LOSS=0` for the HF model's own loss, an
-  A/B); base float weights bf16.
+  logits kept: 15.3 -> 11.6 GiB at the peak of this shape on an H200, results/qlora_h200_fused_loss.md;
+  `XPU_LLM_FUSED_LOSS=0` for the HF model's own loss, an A/B); base float weights bf16.
 - `bnb`: the QLoRA recipe of the PEFT/transformers docs: `bnb.nn.Linear4bit` nf4, double quantization, bf16
   compute (what `BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
   bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=bfloat16)` builds; the output head stays bf16), then

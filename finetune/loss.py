@@ -1,12 +1,12 @@
 """Causal-LM cross-entropy for training, with the output head fused into the loss.
 
 A Hugging Face model's loss materialises logits for every position: [tokens, vocab] in bf16, then a float32
-copy, float32 log-probabilities kept for backward, and float32 and bf16 gradients in backward. For Llama-3's
-128256-token vocabulary and 4096 tokens a step that is ~5 GiB at the loss, the largest single item of a QLoRA
-step's peak. `head_cross_entropy` runs the frozen output head and the loss a chunk of rows at a time and
-computes the hidden states' gradient as it goes (the loss is the graph's last node, so d loss / d logits =
-softmax - one-hot is known in the forward), keeping one chunk's logits alive (~1 GiB) and no logits at all
-for backward. Same numbers as the unfused path: logits in the head's compute dtype (bf16 under autocast),
+copy, float32 log-probabilities kept for backward, and float32 and bf16 gradients in backward: 1-2 GiB each
+for Llama-3's 128256-token vocabulary and 4096 tokens. `head_cross_entropy` runs the frozen output head and the
+loss a chunk of rows at a time and computes the hidden states' gradient as it goes (the loss is the graph's
+last node, so d loss / d logits = softmax - one-hot is known in the forward), holding one chunk's logits (~1
+GiB, plus the dequantized head while it runs) and no logits at all for backward. Measured on an H200 (8B
+QLoRA step, benchmarks/results/qlora_h200_fused_loss.md): peak 15.3 -> 11.6 GiB. Same numbers as the unfused path: logits in the head's compute dtype (bf16 under autocast),
 log-sum-exp in float32, the logits' gradient rounded to the compute dtype before its matmul, as autograd does.
 
 `loss_sum(model, batch)` calls the model as usual (so DDP and DeepSpeed see their forward), takes the head's

@@ -132,6 +132,10 @@ def test_a_trainable_head_takes_the_models_logits(tiny_chat_model, monkeypatch):
     assert seen == [7] and abs(loss - ref) <= 1e-6 * abs(ref)
     assert output_head(model).weight.grad.abs().sum() > 0  # the head's own gradient flows
     output_head(model).weight.requires_grad_(False)
+    assert fusable(output_head(model))
+    monkeypatch.setattr(output_head(model).weight, "ds_id", 0, raising=False)  # as ZeRO-3 marks its shards
+    assert not fusable(output_head(model))
+    monkeypatch.delattr(output_head(model).weight, "ds_id")
     monkeypatch.setenv("XPU_LLM_FUSED_LOSS", "0")  # the A/B switch
     seen, handle = head_positions(model)
     loss_sum(model, batch)
