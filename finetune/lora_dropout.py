@@ -43,6 +43,7 @@ DTYPES = (torch.bfloat16, torch.float16)
 # and programs per SM (row splits x column blocks). An H200 sweep (8B shapes, T 4096, r 16): the forward's best
 # tile was this one within 2%; the backward's took 54 -> 45 us (K 4096) and 138 -> 130 us (K 14336).
 FWD, BWD = (16, 4), (64, 8)
+FWD_PROGRAMS_PER_SM = 8  # the forward's column splits aim at this many programs per SM (forward_splits)
 BWD_STAGES, BWD_PROGRAMS_PER_SM = 2, 8
 
 
@@ -78,22 +79,39 @@ def _dot(a, b, acc, SOFT_BF16: tl.constexpr):
 
 
 @triton.jit(do_not_specialize=["seed"])
-def _lora_dropout_fwd(x_ptr, a_ptr, seed, h_ptr, T, K, R, n_kb, p16, scale, BT: tl.constexpr, RP: tl.constexpr,
-                      ROUNDS: tl.constexpr, SOFT_BF16: tl.constexpr):
+def _lora_dropout_fwd(x_ptr, a_ptr, seed, h_ptr, part_ptr, count_ptr, T, K, R, n_kb, kb_per_split, p16, scale,
+                      BT: tl.constexpr, RP: tl.constexpr, ROUNDS: tl.constexpr, SOFT_BF16: tl.constexpr,
+                      SPLIT: tl.constexpr):
     """h [T, R] = (x * keep) [T, K] @ a^T [K, R] * scale, with a rounded to x's dtype (as autocast casts A for
-    its matmul); a program owns BT rows and loops over K."""
+    its matmul); a program owns BT rows and `kb_per_split` column blocks. SPLIT: each program stores its float32
+    partial sum in part [splits, T, R] and counts itself in count[row block]; the last of a row block to arrive
+    adds the partials in split order (deterministic), writes h and resets its counter to 0 for the next call."""
     rows = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
+    split = tl.program_id(1)
     cols = tl.arange(0, 64)
     rr = tl.arange(0, RP)
     acc = tl.zeros((BT, RP), tl.float32)
-    for kb in range(0, n_kb):
+    for kb in range(split * kb_per_split, tl.minimum((split + 1) * kb_per_split, n_kb)):
         k = kb * 64 + cols
         x = tl.load(x_ptr + rows[:, None] * K + k[None, :], mask=(rows < T)[:, None] & (k < K)[None, :], other=0.0)
         x = tl.where(_keep(seed, rows, kb, n_kb, p16, BT, ROUNDS), x, 0.0)
         at = tl.load(a_ptr + rr[None, :] * K + k[:, None], mask=(rr < R)[None, :] & (k < K)[:, None], other=0.0)
         acc = _dot(x, cast(at.to(tl.float32), x_ptr.dtype.element_ty, SOFT_BF16), acc, SOFT_BF16)
-    tl.store(h_ptr + rows[:, None] * R + rr[None, :], cast(acc * scale, h_ptr.dtype.element_ty, SOFT_BF16),
-             mask=(rows < T)[:, None] & (rr < R)[None, :])
+    out = (rows < T)[:, None] & (rr < R)[None, :]
+    if SPLIT:
+        n_split = tl.num_programs(1)
+        tl.store(part_ptr + (split * T + rows[:, None]) * R + rr[None, :], acc, mask=out)
+        arrived = tl.atomic_add(count_ptr + tl.program_id(0), 1, sem="acq_rel")
+        if arrived == n_split - 1:
+            acc = tl.zeros((BT, RP), tl.float32)
+            for j in range(0, n_split):
+                acc += tl.load(part_ptr + (j * T + rows[:, None]) * R + rr[None, :], mask=out, other=0.0)
+            tl.store(h_ptr + rows[:, None] * R + rr[None, :], cast(acc * scale, h_ptr.dtype.element_ty, SOFT_BF16),
+                     mask=out)
+            tl.atomic_xchg(count_ptr + tl.program_id(0), 0)
+    else:
+        tl.store(h_ptr + rows[:, None] * R + rr[None, :], cast(acc * scale, h_ptr.dtype.element_ty, SOFT_BF16),
+                 mask=out)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -165,16 +183,42 @@ def supported(x2d: Tensor, a: Tensor) -> bool:
             and a.shape[1] == x2d.shape[1] and a.shape[0] <= 128 and x2d.shape[0] > 0)
 
 
-def forward(x2d: Tensor, a: Tensor, seed: int, p: float) -> Tensor:
-    """dropout(x2d) @ a^T with the mask of `seed` (see draw_seed); a contiguous, any float dtype."""
+def forward_splits(t: int, k: int, device: torch.device) -> int:
+    """How many ranges of columns the forward splits K into: enough programs (FWD_PROGRAMS_PER_SM per SM) that
+    the device has loads in flight to hide memory latency, which BT-row programs alone do not give at T 4096."""
+    n_kb, programs = triton.cdiv(k, COLS), triton.cdiv(t, FWD[0])
+    return max(1, min(n_kb, triton.cdiv(FWD_PROGRAMS_PER_SM * _sm_count(device), programs)))
+
+
+def forward(x2d: Tensor, a: Tensor, seed: int, p: float, splits: int | None = None) -> Tensor:
+    """dropout(x2d) @ a^T with the mask of `seed` (see draw_seed); a contiguous, any float dtype. The columns
+    are split `splits` ways (None: forward_splits) into float32 partial sums added in a fixed order."""
     t, k = x2d.shape
     r = a.shape[0]
-    h = torch.empty((t, r), dtype=x2d.dtype, device=x2d.device)
     bt, warps = FWD
-    _lora_dropout_fwd[(triton.cdiv(t, bt),)](x2d, a, seed, h, t, k, r, triton.cdiv(k, COLS), threshold(p),
-                                             keep_scale(p), BT=bt, RP=_rank_pad(r), ROUNDS=ROUNDS,
-                                             SOFT_BF16=interpreting(), num_warps=warps)
+    n_kb = triton.cdiv(k, COLS)
+    per = triton.cdiv(n_kb, splits or forward_splits(t, k, x2d.device))
+    splits, programs = triton.cdiv(n_kb, per), triton.cdiv(t, bt)
+    h = torch.empty((t, r), dtype=x2d.dtype, device=x2d.device)
+    part = torch.empty((splits, t, r), dtype=torch.float32, device=x2d.device) if splits > 1 else h
+    count = _counters(x2d.device, programs) if splits > 1 else h
+    _lora_dropout_fwd[(programs, splits)](x2d, a, seed, h, part, count, t, k, r, n_kb, per, threshold(p),
+                                          keep_scale(p), BT=bt, RP=_rank_pad(r), ROUNDS=ROUNDS,
+                                          SOFT_BF16=interpreting(), SPLIT=splits > 1, num_warps=warps)
     return h
+
+
+_COUNTERS: dict[torch.device, Tensor] = {}
+
+
+def _counters(device: torch.device, n: int) -> Tensor:
+    """n int32 arrival counters on `device`, zero between calls (each forward's last program resets its own);
+    allocated once per device and grown when needed, so a call launches no zeroing kernel. One stream at a time
+    (the training step's)."""
+    c = _COUNTERS.get(device)
+    if c is None or c.numel() < n:
+        c = _COUNTERS[device] = torch.zeros(max(n, 1024), dtype=torch.int32, device=device)
+    return c
 
 
 def backward(dh: Tensor, x2d: Tensor, a: Tensor, seed: int, p: float, want_dx: bool = True,

@@ -63,6 +63,12 @@ def test_kernels_match_float64_with_the_same_mask(dtype, t, k, r):
     keep = ld.keep_mask(seed, t, k, p, DEV).double()
     x64 = x.double() * keep * ld.keep_scale(p)
     h = ld.forward(x, a, seed, p)
+    for splits in (1, 2, 3):  # K in one program, or split into column ranges whose last program adds them up
+        h_s = ld.forward(x, a, seed, p, splits=splits)
+        assert rel(h_s, x64 @ a16.T) <= 4e-3, splits
+        if ld.forward_splits(t, k, x.device) == splits:
+            assert torch.equal(h_s, h)
+        assert torch.equal(ld.forward(x, a, seed, p, splits=splits), h_s)  # deterministic, counters reset
     dx, da = ld.backward(dh, x, a, seed, p)
     assert h.dtype == dx.dtype == dtype and da.dtype == torch.float32
     assert rel(h, x64 @ a16.T) <= 4e-3  # one rounding of h to the 16-bit dtype
