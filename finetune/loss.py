@@ -6,8 +6,9 @@ for Llama-3's 128256-token vocabulary and 4096 tokens. `head_cross_entropy` runs
 loss a chunk of rows at a time and computes the hidden states' gradient as it goes (the loss is the graph's
 last node, so d loss / d logits = softmax - one-hot is known in the forward), holding one chunk's logits (~1
 GiB, plus the dequantized head while it runs) and no logits at all for backward. Measured on an H200 (8B
-QLoRA step, benchmarks/results/qlora_h200_fused_loss.md): peak 15.3 -> 11.6 GiB. Same numbers as the unfused path: logits in the head's compute dtype (bf16 under autocast),
-log-sum-exp in float32, the logits' gradient rounded to the compute dtype before its matmul, as autograd does.
+QLoRA step, benchmarks/results/qlora_h200_fused_loss.md): peak 15.3 -> 11.6 GiB. Same numbers as the unfused
+path: logits in the head's compute dtype (bf16 under autocast), log-sum-exp in float32, the logits' gradient
+rounded to the compute dtype before its matmul, as autograd does.
 
 `loss_sum(model, batch)` calls the model as usual (so DDP and DeepSpeed see their forward), takes the head's
 input through a forward pre-hook that also shrinks the head's own work to one position, and applies the fused
