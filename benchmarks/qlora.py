@@ -184,15 +184,12 @@ def run_child(engine: str, shape: str, args: argparse.Namespace) -> dict[str, An
     gen = torch.Generator(device=device).manual_seed(0)
     ids = torch.randint(0, spec["config"]["vocab_size"], (batch, seq), device=device, generator=gen)
 
-    if engine == "xpu-llm":  # the trainer's loss: the output head fused into the cross-entropy
-        from xpu_llm.finetune.loss import mean_loss
-    else:
-        def mean_loss(model, ids):
-            return model(input_ids=ids, labels=ids).loss
+    from xpu_llm.finetune.loss import mean_loss
 
     def step() -> float:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=not is_cpu(device)):
-            loss = mean_loss(model, ids)
+            # xpu-llm: the trainer's loss (output head fused into the cross-entropy); others: the HF model's
+            loss = mean_loss(model, ids) if engine == "xpu-llm" else model(input_ids=ids, labels=ids).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
