@@ -12,14 +12,17 @@ unfused, a norm is about seven elementwise passes over a float32 copy of the act
 rotary embedding of q and k five each (over non-contiguous heads), with three more in backward."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import logging
 import sys
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from ..device import is_gpu
 
@@ -67,12 +70,15 @@ def reference_rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
 
 class _RMSNormFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, eps: float, recomputable: bool) -> Tensor:
         x2d = x.reshape(-1, x.shape[-1]).contiguous()
         y, rstd = _kernels().rms_norm_forward(x2d, weight, eps)
         ctx.save_for_backward(x2d, weight, rstd)
         ctx.shape = x.shape
-        return y.view(x.shape)
+        out = y.view(x.shape)
+        if recomputable:  # the output again from what this node keeps anyway (same kernel: bit for bit)
+            RECOMPUTABLE[out] = Recompute(functools.partial(_norm_output, x2d, weight, eps, x.shape))
+        return out
 
     @staticmethod
     def backward(ctx, dy: Tensor):
@@ -83,7 +89,11 @@ class _RMSNormFunction(torch.autograd.Function):
         if ctx.needs_input_grad[1]:  # a trainable norm (modules_to_save): rare, so plain torch
             xn = (x2d.float() * rstd[:, None]).to(x2d.dtype)
             dw = (dy2d.float() * xn.float()).sum(0).to(weight.dtype)
-        return (None if dx is None else dx.view(ctx.shape)), dw, None
+        return (None if dx is None else dx.view(ctx.shape)), dw, None, None
+
+
+def _norm_output(x2d: Tensor, weight: Tensor, eps: float, shape: torch.Size) -> Tensor:
+    return _kernels().rms_norm_forward(x2d, weight, eps)[0].view(shape)
 
 
 class _SwiGLUFunction(torch.autograd.Function):
@@ -109,7 +119,9 @@ class FusedRMSNorm(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if use_kernels(x) and x.shape[-1] <= _kernels().MAX_COLS:
-            return _RMSNormFunction.apply(x, self.weight, self.variance_epsilon)
+            # A ZeRO-3-partitioned weight is gathered only around this module's own forward and backward.
+            recomputable = torch.is_grad_enabled() and not hasattr(self.weight, "ds_id")
+            return _RMSNormFunction.apply(x, self.weight, self.variance_epsilon, recomputable)
         return reference_rms_norm(x, self.weight, self.variance_epsilon)
 
     def extra_repr(self) -> str:
@@ -125,12 +137,10 @@ class FusedSwiGLUMLP(nn.Module):
         self.gate_proj, self.up_proj, self.down_proj = gate_proj, up_proj, down_proj
 
     def forward(self, x: Tensor) -> Tensor:
-        g, u = self.gate_proj(x), self.up_proj(x)
+        with saved_as_recomputed(x, RECOMPUTABLE.get(x)):  # x: a fused norm's output, saved by LoRA A of gate/up
+            g, u = self.gate_proj(x), self.up_proj(x)
         h = swiglu(g, u)
-        if (not torch.is_grad_enabled() or h.numel() == 0 or torch.compiler.is_compiling()
-                or not _no_outer_saved_tensor_hooks()):
-            return self.down_proj(h)
-        with _SavedAsRecomputed(h, lambda: swiglu(g.detach(), u.detach())):
+        with saved_as_recomputed(h, Recompute(lambda: swiglu(g.detach(), u.detach()))):
             return self.down_proj(h)
 
 
@@ -139,22 +149,53 @@ def swiglu(g: Tensor, u: Tensor) -> Tensor:
     return _SwiGLUFunction.apply(g, u) if use_kernels(g) else F.silu(g) * u
 
 
+# Outputs that can be made again in backward from what their own node keeps (fused norms register theirs): a
+# consumer that would save one as memory saves the way to make it instead (saved_as_recomputed). Weak keys: an
+# entry goes with its tensor.
+RECOMPUTABLE: WeakTensorKeyDictionary = WeakTensorKeyDictionary()
+
+
+class Recompute:
+    """Makes a tensor again, without autograd, the first time a backward asks for it; later askers (q, k and v
+    all saved the same norm output) get that copy, which lives until the last of them has run its backward."""
+
+    def __init__(self, make: Callable[[], Tensor]) -> None:
+        self.make, self.value = make, None
+
+    def __call__(self) -> Tensor:
+        if self.value is None:
+            with torch.no_grad():
+                self.value = self.make()
+        return self.value
+
+
+def saved_as_recomputed(x: Tensor, recompute: Recompute | None) -> contextlib.AbstractContextManager:
+    """A context in which autograd saves `x` (or a view of it) as `recompute` rather than as memory; a no-op
+    where there is no recompute, no autograd, an empty x, torch.compile tracing, or an outer saved-tensor hook
+    (ours would replace it for what it wraps)."""
+    if (recompute is None or not torch.is_grad_enabled() or x.numel() == 0 or torch.compiler.is_compiling()
+            or not _no_outer_saved_tensor_hooks()):
+        return contextlib.nullcontext()
+    return _SavedAsRecomputed(x, recompute)
+
+
 def _no_outer_saved_tensor_hooks() -> bool:
     """True when no saved-tensor hooks are active (non-reentrant checkpointing, save_on_cpu, DeepSpeed's
-    offload install some): ours would replace theirs for the layer they wrap."""
+    offload install some)."""
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
     return top is not None and top(False) is None
 
 
 class _SavedAsRecomputed(torch.autograd.graph.saved_tensors_hooks):
-    """While active, a tensor that autograd saves and that is `h` or a view of it is kept as the way to make h
-    again (`recompute`, e.g. silu(g) * u from the g and u that the gate's backward keeps anyway) plus the view's
-    geometry, not as h's memory. Why: the MLP's down projection saves its input for LoRA A's gradient, a
-    [tokens, intermediate] tensor (117 MB a layer at the 8B shape, sequence 1024, batch 4) that the gate can
-    recompute in backward for one elementwise pass. Other saved tensors pass through unchanged."""
+    """While active, a tensor that autograd saves and that is `x` or a view of it is kept as the way to make x
+    again (a `Recompute`) plus the view's geometry, not as x's memory. Other saved tensors pass through unchanged.
+    Why: LoRA A saves its input for A's gradient. At the 8B shape (sequence 1024, batch 4) that is, a layer, the
+    two norm outputs (32 MiB each; a norm remakes its output in one pass from the input its own backward keeps)
+    and the MLP's down input h = silu(g) * u (112 MiB; one elementwise pass from g and u, which the gate's
+    backward keeps)."""
 
-    def __init__(self, h: Tensor, recompute) -> None:
-        ptr, dtype = h.untyped_storage().data_ptr(), h.dtype
+    def __init__(self, x: Tensor, recompute: Recompute) -> None:
+        ptr, dtype = x.untyped_storage().data_ptr(), x.dtype
 
         def pack(t: Tensor):
             if t.dtype != dtype or t.layout != torch.strided or t.untyped_storage().data_ptr() != ptr:
@@ -165,8 +206,7 @@ class _SavedAsRecomputed(torch.autograd.graph.saved_tensors_hooks):
             if isinstance(saved, Tensor):
                 return saved
             make, shape, stride, offset = saved
-            with torch.no_grad():
-                return make().as_strided(shape, stride, offset)
+            return make().as_strided(shape, stride, offset)
 
         super().__init__(pack, unpack)
 
@@ -212,9 +252,10 @@ def _rope_attention_forward(self, hidden_states: Tensor, position_embeddings=Non
     kwargs = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values")}
     hf = sys.modules[hf_cls.__module__]
     hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
-    q = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    k = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    with saved_as_recomputed(hidden_states, RECOMPUTABLE.get(hidden_states)):  # a fused norm's output
+        q = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
     q, k = apply_rope(q, k, *position_embeddings, hf.apply_rotary_pos_emb)
     attention = hf.ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
                                                          hf.eager_attention_forward)

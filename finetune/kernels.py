@@ -5,6 +5,8 @@
 - SwiGLU, h = silu(g) * u elementwise, rounded once (Hugging Face rounds silu(g), then the product).
 - Rotary embedding of q or k ([batch, heads, tokens, head_dim], any strides with contiguous head_dim) in HF's
   rotate_half convention, one token's heads per program, rounded once (HF rounds each of its five ops).
+- Cross-entropy of a chunk of logits, one row per program: the row's loss (log-sum-exp in float32) and, in
+  place of the logits, their gradient softmax - one-hot (finetune/loss.py).
 Portable Triton only: the same source runs on NVIDIA and Intel GPUs, and on CPU tensors under TRITON_INTERPRET=1
 (the tests)."""
 from __future__ import annotations
@@ -179,3 +181,47 @@ def rms_norm_backward(dy2d: Tensor, x2d: Tensor, weight: Tensor, rstd: Tensor, o
     if rows:
         _rms_norm_bwd[(rows,)](dy2d, x2d, weight, rstd, out, n, **_launch(n))
     return out
+
+
+CE_BLOCK = 4096
+
+
+@triton.jit
+def _cross_entropy_rows(z_ptr, t_ptr, loss_ptr, n_cols, GRAD: tl.constexpr, BLOCK: tl.constexpr,
+                        SOFT_BF16: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    base = z_ptr + row * n_cols
+    m = tl.full([BLOCK], -1e30, tl.float32)  # finite: masked lanes (-inf) add exp(-inf) = 0, never NaN
+    s = tl.zeros([BLOCK], tl.float32)
+    for start in range(0, n_cols, BLOCK):  # online log-sum-exp, lane by lane
+        cols = start + tl.arange(0, BLOCK)
+        z = tl.load(base + cols, mask=cols < n_cols, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m, z)
+        s = s * tl.exp(m - m_new) + tl.exp(z - m_new)
+        m = m_new
+    top = tl.max(m, axis=0)
+    lse = top + tl.log(tl.sum(s * tl.exp(m - top), axis=0))
+    t = tl.load(t_ptr + row)
+    tl.store(loss_ptr + row, lse - tl.load(base + t).to(tl.float32))
+    if GRAD:
+        for start in range(0, n_cols, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            mask = cols < n_cols
+            z = tl.load(base + cols, mask=mask, other=0.0).to(tl.float32)
+            p = tl.exp(z - lse) - tl.where(cols == t, 1.0, 0.0)
+            tl.store(base + cols, cast(p, z_ptr.dtype.element_ty, SOFT_BF16), mask=mask)
+
+
+def cross_entropy_rows_(logits: Tensor, targets: Tensor, grad: bool = True) -> Tensor:
+    """Per-row cross-entropy (float32 [rows]) of contiguous logits [rows, vocab] against targets [rows] (each in
+    range); with grad, the logits are overwritten by d loss_row / d logits = softmax - one-hot, rounded once to
+    their dtype (what autograd's gradient of a float32 cross-entropy rounds to before the head's matmul)."""
+    rows, n = logits.shape
+    assert logits.is_contiguous() and targets.shape == (rows,), \
+        f"logits {tuple(logits.shape)} must be contiguous and targets {tuple(targets.shape)} one per row"
+    loss = torch.empty(rows, device=logits.device, dtype=torch.float32)
+    if rows:
+        _cross_entropy_rows[(rows,)](logits, targets, loss, n, GRAD=grad,
+                                     BLOCK=min(CE_BLOCK, triton.next_power_of_2(n)), num_warps=8,
+                                     SOFT_BF16=interpreting())
+    return loss

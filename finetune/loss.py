@@ -27,8 +27,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .data import IGNORE
+from .fused import triton_module, use_kernels
 
-CHUNK_BYTES = 1 << 29  # float32 logits of one chunk: 512 MiB (1046 rows of a 128256-token vocabulary)
+# A chunk's rows: their float32 logits would take 512 MiB (1046 rows of a 128256-token vocabulary). The torch
+# path makes that float32 copy; the Triton one (GPUs) holds only the logits in the compute dtype (256 MiB in bf16).
+CHUNK_BYTES = 1 << 29
 
 
 def fused_enabled() -> bool:
@@ -78,20 +81,28 @@ class HeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: Tensor, targets: Tensor, weight: Tensor, bias: Tensor | None, rows: int) -> Tensor:
         grad = torch.empty_like(h, dtype=weight.dtype) if ctx.needs_input_grad[0] else None
+        kernel = use_kernels(h)
         total = torch.zeros((), dtype=torch.float32, device=h.device)
         for s in range(0, h.shape[0], rows):
             t = targets[s:s + rows]
             logits = F.linear(h[s:s + rows].to(weight.dtype), weight, bias)
-            lf = logits.float()
-            del logits
-            lse = torch.logsumexp(lf, dim=-1)
-            total += (lse - lf.gather(1, t[:, None]).squeeze(1)).sum()
-            if grad is None:
-                continue
-            p = lf.sub_(lse[:, None]).exp_()  # softmax, in place of the float32 logits
-            p[torch.arange(p.shape[0], device=p.device), t] -= 1.0
-            torch.mm(p.to(weight.dtype), weight, out=grad[s:s + rows])
-            del p, lf
+            if kernel:  # one pass: the rows' losses, and softmax - one-hot in place of the logits
+                total += triton_module("kernels").cross_entropy_rows_(logits, t, grad=grad is not None).sum()
+                p = logits
+            else:
+                lf = logits.float()
+                del logits
+                lse = torch.logsumexp(lf, dim=-1)
+                total += (lse - lf.gather(1, t[:, None]).squeeze(1)).sum()
+                if grad is None:
+                    continue
+                p = lf.sub_(lse[:, None]).exp_()  # softmax, in place of the float32 logits
+                p[torch.arange(p.shape[0], device=p.device), t] -= 1.0
+                p = p.to(weight.dtype)
+                del lf
+            if grad is not None:
+                torch.mm(p, weight, out=grad[s:s + rows])
+            del p
         if grad is not None:
             ctx.save_for_backward(grad)
         ctx.h_dtype = h.dtype

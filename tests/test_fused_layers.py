@@ -229,13 +229,14 @@ def test_fused_checkpointed_lora_model_copies_and_pickles():
 
 @pytest.mark.parametrize("dropout,autocast", [(0.0, False), (0.1, False),
                                               pytest.param(0.1, True, marks=here)])
-def test_mlp_down_input_is_recomputed_not_kept(dropout, autocast):
-    """The down projection's input h = silu(g) * u, which LoRA A's gradient needs, is saved as the way to make it
-    again, not as memory: after forward h is freed, and the loss and every gradient equal, bit for bit, those of a
-    run that keeps h (an outer saved-tensor hook, as non-reentrant checkpointing installs, turns the recompute
-    off). A bf16 model under autocast (kernels: in the interpreter child or on a GPU) takes LoRA's fused dropout,
-    which saves a view of h; in float32, PEFT's A saves h itself (p = 0) or the dropout's output (p > 0, where h
-    was never kept)."""
+def test_lora_inputs_are_recomputed_not_kept(dropout, autocast):
+    """The inputs that LoRA A's gradient needs and that a fused layer can make again are saved as the way to make
+    them, not as memory: the MLP's down input h = silu(g) * u always, and with the kernels (in the interpreter
+    child or on a GPU) the two norm outputs that feed q/k/v and gate/up. After forward they are freed, and the
+    loss and every gradient equal, bit for bit, those of a run that keeps them (an outer saved-tensor hook, as
+    non-reentrant checkpointing installs, turns the recompute off). A bf16 model under autocast takes LoRA's
+    fused dropout, which saves a view of its input; in float32, PEFT's A saves the input itself (p = 0) or the
+    dropout's output (p > 0, where the input was never kept)."""
     import gc
     from contextlib import nullcontext
 
@@ -243,6 +244,7 @@ def test_mlp_down_input_is_recomputed_not_kept(dropout, autocast):
 
     import xpu_llm
     from xpu_llm.finetune import add_lora
+    from xpu_llm.finetune.fused import use_kernels
 
     cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, vocab_size=128, initializer_range=0.2)
@@ -256,25 +258,80 @@ def test_mlp_down_input_is_recomputed_not_kept(dropout, autocast):
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.05)
-    down = model.base_model.model.model.layers[0].mlp.down_proj
-    seen: list = []
-    down.register_forward_pre_hook(lambda mod, args: seen.append(StorageWeakRef(args[0].untyped_storage())))
+    layer = model.base_model.model.model.layers[0]
+    seen: dict[str, list] = {"down": [], "q": [], "gate": []}
+    for name, mod in (("down", layer.mlp.down_proj), ("q", layer.self_attn.q_proj), ("gate", layer.mlp.gate_proj)):
+        mod.register_forward_pre_hook(lambda mod, args, name=name: seen[name].append(
+            StorageWeakRef(args[0].untyped_storage())))
     ids = torch.randint(0, 128, (2, 24), generator=torch.Generator().manual_seed(3)).to(DEV)
 
-    def run(keep_h: bool):
+    def run(keep: bool):
         torch.manual_seed(5)
         model.zero_grad(set_to_none=True)
-        outer = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t) if keep_h else nullcontext()
+        outer = torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t) if keep else nullcontext()
         with torch.autocast(DEV.type, dtype=torch.bfloat16, enabled=autocast), outer:
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = model(input_ids=ids, labels=ids, use_cache=False).loss  # training: no KV cache
         gc.collect()
-        h_alive = not seen[-1].expired()  # h's memory, held by h or by any view of it
+        alive = {name: not refs[-1].expired() for name, refs in seen.items()}  # held by the tensor or a view
         loss.backward()
-        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, h_alive
+        return loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}, alive
 
-    loss, grads, h_alive = run(keep_h=False)
-    ref_loss, ref_grads, ref_alive = run(keep_h=True)
-    assert not h_alive, "the MLP's down projection input is still held after forward"
-    assert ref_alive == (dropout == 0 or autocast), "the reference run should keep h where LoRA A saves it"
+    loss, grads, alive = run(keep=False)
+    ref_loss, ref_grads, ref_alive = run(keep=True)
+    assert not alive["down"], "the MLP's down projection input is still held after forward"
+    if use_kernels(ids):
+        assert not alive["q"] and not alive["gate"], f"a fused norm's output is still held after forward: {alive}"
+    kept = dropout == 0 or autocast
+    assert ref_alive == {"down": kept, "q": kept, "gate": kept}, f"the reference run should keep them: {ref_alive}"
     assert torch.equal(loss, ref_loss)
     assert grads.keys() == ref_grads.keys() and all(torch.equal(grads[n], ref_grads[n]) for n in grads)
+
+
+@here
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_rows_match_float64(dtype):
+    """The loss kernel's per-row cross-entropy and its in-place softmax - one-hot against float64, over a vocabulary
+    of two blocks, the second partial, with logits large enough that a sum of plain exponentials overflows."""
+    from xpu_llm.finetune import kernels as k
+
+    rows, vocab = 7, k.CE_BLOCK + 904
+    g = torch.Generator().manual_seed(2)
+    z = torch.randn(rows, vocab, generator=g) * 4
+    z[0] += 200.0  # exp(200) overflows float32: only a max-shifted sum is finite
+    z[1, -1] = 60.0  # the row's maximum in the partial block
+    t = torch.randint(0, vocab, (rows,), generator=g)
+    t[2] = vocab - 1
+    logits = z.to(DEV, dtype).clone()  # overwritten by the gradient
+    z64 = logits.double().cpu()
+    ref_loss = torch.nn.functional.cross_entropy(z64, t, reduction="none")
+    ref_grad = torch.softmax(z64, -1) - torch.nn.functional.one_hot(t, vocab).double()
+    loss = k.cross_entropy_rows_(logits, t.to(DEV))
+    assert torch.allclose(loss.double().cpu(), ref_loss, rtol=1e-5, atol=1e-5), (loss, ref_loss)
+    ulp = 1e-6 if dtype == torch.float32 else 4e-3  # one rounding of each probability to the logits' dtype
+    assert (logits.double().cpu() - ref_grad).abs().max() <= ulp
+    again = z.to(DEV, dtype).clone()
+    assert torch.equal(k.cross_entropy_rows_(again, t.to(DEV), grad=False), loss)
+    assert torch.equal(again, z.to(DEV, dtype)), "grad=False must leave the logits as they are"
+
+
+@here
+@pytest.mark.parametrize("autocast", [False, True])
+def test_fused_head_loss_with_the_kernel_matches_float64(autocast):
+    """head_cross_entropy through the loss kernel (chunks of 8 rows, the last partial) gives the float64 loss and
+    input gradient: exact in float32, within bf16's rounding of the logits and their gradient under autocast."""
+    from xpu_llm.finetune.loss import head_cross_entropy
+
+    torch.manual_seed(3)
+    head = nn.Linear(48, 301, bias=True).to(DEV).requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(37, 48, generator=g).to(DEV).requires_grad_(True)
+    t = torch.randint(0, 301, (37,), generator=g).to(DEV)
+    with torch.autocast(DEV.type, dtype=torch.bfloat16, enabled=autocast):
+        loss = head_cross_entropy(h, head, t, chunk_bytes=4 * 301 * 8)
+    (loss * 0.37).backward()
+    hd = h.detach().double().requires_grad_()
+    ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(hd, head.weight.double(), head.bias.double()),
+                                            t, reduction="sum")
+    (ref * 0.37).backward()
+    tol = (2e-2, 3e-2) if autocast else (1e-6, 1e-5)
+    assert abs(loss.item() - ref.item()) <= tol[0] * abs(ref.item()) and rel(h.grad, hd.grad) < tol[1]
