@@ -4,8 +4,9 @@ A Hugging Face model's loss materialises logits for every position: [tokens, voc
 copy, float32 log-probabilities kept for backward, and float32 and bf16 gradients in backward: 1-2 GiB each
 for Llama-3's 128256-token vocabulary and 4096 tokens. `head_cross_entropy` runs the frozen output head and the
 loss a chunk of rows at a time and computes the hidden states' gradient as it goes (the loss is the graph's
-last node, so d loss / d logits = softmax - one-hot is known in the forward), holding one chunk's logits (~1
-GiB, plus the dequantized head while it runs) and no logits at all for backward. Measured on an H200 (8B
+last node, so d loss / d logits = softmax - one-hot is known in the forward), holding one chunk's logits (on
+GPUs in the compute dtype only: a Triton kernel turns them into their gradient in place; in torch, a float32
+copy too), plus the dequantized head while it runs, and no logits at all for backward. Measured on an H200 (8B
 QLoRA step, benchmarks/results/qlora_h200_fused_loss.md): peak 15.3 -> 11.6 GiB. Same numbers as the unfused
 path: logits in the head's compute dtype (bf16 under autocast), log-sum-exp in float32, the logits' gradient
 rounded to the compute dtype before its matmul, as autograd does.

@@ -63,8 +63,8 @@ def load_base(path: str, low_bit: str | None = "nf4", group_size: int = 64, dtyp
 def checkpoint_layers(model: nn.Module, uncheckpointed: int = 0, reentrant: bool = True) -> int:
     """Gradient checkpointing (recompute each decoder layer in backward) on every decoder layer but the last
     `uncheckpointed`, which keep their activations: memory for speed (at the Llama-3-8B shape, sequence 1024, batch
-    4, about 0.34 GiB per layer with LoRA's fused dropout and the MLP's down input recomputed, fused.py; 0.74 with
-    PEFT's dropout). The last ones, because their backward runs first and frees that memory before any recompute
+    4, 0.33 GiB per layer with LoRA's fused dropout and LoRA A's inputs recomputed, fused.py; 0.74 with PEFT's
+    dropout). The last ones, because their backward runs first and frees that memory before any recompute
     allocates. The low-bit linears of checkpointed layers keep the weight that the recompute dequantized for their
     backward, for as long as HF's flag says the block checkpoints (FrozenMatmul, lora_linear, keeps_weight).
     Returns the number of checkpointed layers.
