@@ -3,6 +3,8 @@
 # python benchmarks/qlora.py --shapes llama3-8b --engines xpu-llm,bnb --uncheckpointed-layers 0,4 --profile
 # python benchmarks/qlora.py --shapes llama3-8b --engines xpu-llm,bnb --uncheckpointed-layers 8,11 --rounds 2
 # taskset -c 2,3 python benchmarks/qlora.py --shapes llama3-8b --engines xpu-llm --uncheckpointed-layers 8
+# python benchmarks/qlora.py --shapes llama3-8b --engines xpu-llm,bnb --uncheckpointed-layers 26 --rounds 2
+#   (26 of 32 layers keep their activations within bnb's peak: the README's newest H200 rows)
 """QLoRA training speed and peak memory on random weights of a real model shape, side by side in one run:
 xpu-llm (HF model with LowBitLinear nf4 layers + LoRA through xpu_llm.finetune) and transformers + PEFT +
 bitsandbytes NF4 (when bitsandbytes is installed).
@@ -25,7 +27,8 @@ Engines:
   `checkpoint_layers` (reentrant; the last --uncheckpointed-layers N layers keep their activations, one row
   per value), `xpu_llm.finetune.add_lora` (whose LoRA update is one in-place addmm, and whose dropout is fused
   into A's product and each adapted linear is one autograd node: `XPU_LLM_FUSED_LORA_DROPOUT=0` for PEFT's
-  own pieces, an A/B in one machine); the MLP's down input recomputed in backward (fused.py); the trainer's
+  own pieces, an A/B in one machine); LoRA A's inputs (the MLP's down input, the two norm outputs) recomputed
+  in backward (fused.py); the trainer's
   loss, with the output head fused into the cross-entropy chunk by chunk (finetune/loss.py: no [tokens, vocab]
   logits kept: 15.3 -> 11.6 GiB at the peak of this shape on an H200, results/qlora_h200_fused_loss.md;
   `XPU_LLM_FUSED_LOSS=0` for the HF model's own loss, an A/B); base float weights bf16.
