@@ -27,7 +27,7 @@ from . import checkpoint as ckpt
 from .args import build_parser
 from .data import GlobalBatches, build_examples, collate, count_targets, pack, read_jsonl, split_heldout
 from .gc_steps import StepGC
-from .loss import loss_sum
+from .loss import answer_index, loss_sum
 
 log = logging.getLogger(__name__)
 
@@ -191,18 +191,19 @@ def train_step(acc: Any, model: Any, optimizer: Any, params: list, micro_batches
     local_targets = sum(count_targets(b) for b in micro_batches)
     total_targets, total_tokens = all_sum(acc, local_targets, local_tokens)
     scale = acc.num_processes * len(micro_batches) / total_targets
-    ce_local, grad_norm = 0.0, None
+    ces, grad_norm = [], None
     for batch in micro_batches:
+        rows = answer_index(batch["labels"]).to(acc.device)  # found on the host: no device sync mid-step
         batch = {k: v.to(acc.device) for k, v in batch.items()}
         with acc.accumulate(model):
-            ce = loss_sum(model, batch)
+            ce = loss_sum(model, batch, answer_rows=rows)
             acc.backward(ce * scale)
             if acc.sync_gradients and max_grad_norm > 0:
                 grad_norm = acc.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        ce_local += float(ce.detach())
-    (ce_total,) = all_sum(acc, ce_local)
+        ces.append(ce.detach())
+    (ce_total,) = all_sum(acc, sum(float(c) for c in ces))  # read after the step: one device sync, not one a batch
     out = {"loss": ce_total / total_targets, "tokens": total_tokens, "targets": total_targets}
     if grad_norm is not None:
         out["grad_norm"] = float(grad_norm)
@@ -220,7 +221,8 @@ def evaluate(acc: Any, model: Any, examples: list, micro: int, pad_id: int) -> f
     for b in range(n_batches):
         chunk = mine[b * micro:(b + 1) * micro]
         batch = collate(chunk or examples[:1], pad_id)
-        loss = float(loss_sum(model, {k: v.to(acc.device) for k, v in batch.items()}))
+        loss = float(loss_sum(model, {k: v.to(acc.device) for k, v in batch.items()},
+                              answer_rows=answer_index(batch["labels"]).to(acc.device)))
         if chunk:
             ce, n = ce + loss, n + count_targets(batch)
     model.train()

@@ -13,7 +13,7 @@ from finetune_fixtures import smollm2_tokenizer, tiny_chat_model  # noqa: F401
 from test_finetune_lora import low_bit_model, randomize_lora, rel
 from xpu_llm.finetune import add_lora
 from xpu_llm.finetune.data import IGNORE
-from xpu_llm.finetune.loss import fusable, head_cross_entropy, loss_sum, mean_loss, output_head
+from xpu_llm.finetune.loss import answer_index, fusable, head_cross_entropy, loss_sum, mean_loss, output_head
 from xpu_llm.lowbit import LowBitLinear
 
 
@@ -111,6 +111,21 @@ def test_loss_sum_fused_equals_the_models_logits(tiny_chat_model):
         assert rel(grads_f[name], grads_u[name]) < 1e-4, name
     with torch.no_grad():  # evaluation: no gradient is computed in the forward
         assert abs(loss_sum(model, batch, fused=True).item() - loss_u) <= 1e-5 * abs(loss_u)
+
+
+def test_answer_rows_found_on_the_host_give_the_same_loss_and_grads(tiny_chat_model):
+    """answer_index on the CPU labels (what the trainer passes, sparing a device sync) selects exactly the rows the
+    on-device mask selects: the same loss and LoRA gradients, bit for bit."""
+    model = lora_model(tiny_chat_model)
+    batch = answer_batch()
+    rows = answer_index(batch["labels"])
+    assert rows.tolist() == [4, 5, 6, 7, 8] + [9 + i for i in range(2, 9)]  # targets labels[:, 1:], 9 a row
+    model.zero_grad(set_to_none=True)
+    loss = loss_sum(model, batch, fused=True, answer_rows=rows)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    ref_loss, ref_grads = loss_and_lora_grads(model, batch, fused=True)
+    assert loss.item() == ref_loss and all(torch.equal(grads[n], ref_grads[n]) for n in ref_grads)
 
 
 def test_mean_loss_is_the_hf_labels_loss(tiny_chat_model):
