@@ -335,3 +335,24 @@ def test_fused_head_loss_with_the_kernel_matches_float64(autocast):
     (ref * 0.37).backward()
     tol = (2e-2, 3e-2) if autocast else (1e-6, 1e-5)
     assert abs(loss.item() - ref.item()) <= tol[0] * abs(ref.item()) and rel(h.grad, hd.grad) < tol[1]
+
+
+@here
+def test_norm_output_is_recomputable_only_with_autograd_and_a_whole_weight():
+    """A fused norm offers its output for recompute when autograd records and its weight is whole here; not
+    under no_grad, and not for a ZeRO-3-partitioned weight (ds_id), which is gathered only around the norm's own
+    forward and backward. The recompute gives the output bit for bit."""
+    from xpu_llm.finetune.fused import RECOMPUTABLE
+
+    norm = FusedRMSNorm(hf_norm(WIDTH, torch.bfloat16).weight, 1e-5)
+    x = torch.randn(3, 5, WIDTH, generator=torch.Generator().manual_seed(4)).to(DEV, torch.bfloat16)
+    x.requires_grad_(True)
+    y = norm(x)
+    assert torch.equal(RECOMPUTABLE[y](), y.detach())
+    with torch.no_grad():
+        assert RECOMPUTABLE.get(norm(x)) is None
+    norm.weight.ds_id = 7
+    try:
+        assert RECOMPUTABLE.get(norm(x)) is None
+    finally:
+        del norm.weight.ds_id
