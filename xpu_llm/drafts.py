@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
@@ -42,10 +42,15 @@ class DecodeState:
     live: Tensor  # [B] bool: rows still generating
     hist: list[list[int]]
     max_seq_len: int
+    # The same as host lists, so that a round reads them without waiting for the device.
+    pending_host: list[int] = field(default_factory=list)
+    prev_host: list[int] = field(default_factory=list)
+    pos_host: list[int] = field(default_factory=list)
+    live_host: list[bool] = field(default_factory=list)
 
     def live_max_pos(self) -> int:
         """The largest slot among live rows (attention spans up to it)."""
-        return int(self.pos[self.live].max()) if bool(self.live.any()) else int(self.pos.max())
+        return max((p for p, alive in zip(self.pos_host, self.live_host) if alive), default=max(self.pos_host))
 
 
 def slots_arg(slots: Tensor) -> Tensor:
@@ -312,15 +317,12 @@ class LookupDraft:
 
     def propose(self, st: DecodeState, k: int, params: SamplingParams, gen: torch.Generator | None,
                 threshold: float, k_min: int) -> Proposal:
-        live = st.live.tolist()
-        conts = [self.continuation(r, h, k) if live[r] else [] for r, h in enumerate(st.hist)]
+        conts = [self.continuation(r, h, k) if alive else []
+                 for r, (h, alive) in enumerate(zip(st.hist, st.live_host))]
         width = max((len(c) for c in conts), default=0)
-        pend = st.pending.tolist()
-        rows = [c + [pend[r]] * (width - len(c)) for r, c in enumerate(conts)]
-        dev = st.pos.device
-        tokens = torch.tensor(rows, dtype=torch.long, device=dev).view(len(rows), width)
-        counts = torch.tensor([len(c) for c in conts], dtype=torch.long, device=dev)
-        return Proposal(tokens, counts)
+        rows = [c + [st.pending_host[r]] * (width - len(c)) + [len(c)] for r, c in enumerate(conts)]
+        both = torch.tensor(rows, dtype=torch.long, device=st.pos.device).view(len(rows), width + 1)  # one copy
+        return Proposal(both[:, :width], both[:, width])
 
 
 def default_skip_layers(n_layers: int) -> tuple[int, ...]:

@@ -254,12 +254,15 @@ def generate_speculative(model: Transformer, draft, prompts: list[list[int]], pa
     synchronize(device)
     t1 = time.perf_counter()
     stats.prefill_s = t1 - t0
-    for r, tok in enumerate(first.tolist()):
+    first_l = first.tolist()
+    for r, tok in enumerate(first_l):
         emit(r, [tok])
     hist = [p + o for p, o in zip(prompts, out)]
+    live = [not x for x in done]
     st = DecodeState(pending=first, prev=batch.tokens[:, -1].clone(), pos=torch.full((b,), t, device=device),
-                     pad=batch.pad, live=torch.tensor([not x for x in done], device=device), hist=hist,
-                     max_seq_len=smax)
+                     pad=batch.pad, live=torch.tensor(live, device=device), hist=hist, max_seq_len=smax,
+                     pending_host=first_l, prev_host=batch.tokens[:, -1].tolist(), pos_host=[t] * b,
+                     live_host=live)
     while not all(done):
         live_rows = [r for r in range(b) if not done[r]]
         room = max(params.max_new_tokens - len(out[r]) for r in live_rows) - 1  # drafts that could still count
@@ -293,7 +296,7 @@ def generate_speculative(model: Transformer, draft, prompts: list[list[int]], pa
             hist[r].extend(new_l[r][:got])
         ctl.update(proposed, accepted)
         stats.thresholds.append(ctl.threshold)
-        advance(st, new, n, done)
+        advance(st, new_l, n_l, done)
     synchronize(device)
     stats.decode_s = time.perf_counter() - t1
     stats.new_tokens = sum(len(o) for o in out)
@@ -325,17 +328,23 @@ def verify(model: Transformer, st: DecodeState, prop: Proposal, params: Sampling
     return verify_sampling(logits, prop, params, gen, cfg.accept_rule)
 
 
-def advance(st: DecodeState, new: Tensor, n: Tensor, done: list[bool]) -> None:
+def advance(st: DecodeState, new: list[list[int]], n: list[int], done: list[bool]) -> None:
     """Move each live row past its accepted drafts: the cache length grows by n + 1 (no copying), the token the
-    target chose becomes pending. Finished rows stay where they are."""
-    live = torch.tensor([not x for x in done], device=st.pos.device)
-    full = torch.cat([st.pending.view(-1, 1), new], 1)  # [pending, d_1.., next]: next sits at index n + 1
-    nxt = full.gather(1, (n + 1).view(-1, 1)).squeeze(1)
-    prev = full.gather(1, n.view(-1, 1)).squeeze(1)
-    st.pending = torch.where(live, nxt, st.pending)
-    st.prev = torch.where(live, prev, st.prev)
-    st.pos = torch.where(live, st.pos + n + 1, st.pos)
-    st.live = live
+    target chose becomes pending, the one before it prev. Finished rows stay where they are. Works on the host
+    lists the round read back (`new` [B][k + 1], the target's token at index n) and copies pending / prev / pos
+    to the device in one transfer."""
+    for r, finished in enumerate(done):
+        if finished:
+            continue
+        full = [st.pending_host[r]] + new[r]  # [pending, d_1.., next]: next sits at index n + 1
+        st.pending_host[r], st.prev_host[r] = full[n[r] + 1], full[n[r]]
+        st.pos_host[r] += n[r] + 1
+    dev = st.pos.device
+    state = torch.tensor([st.pending_host, st.prev_host, st.pos_host], dtype=torch.long, device=dev)
+    st.pending, st.prev, st.pos = state.unbind(0)
+    live = [not x for x in done]
+    if live != st.live_host:
+        st.live_host, st.live = live, torch.tensor(live, device=dev)
 
 
 def speculative_config(spec, default: SpeculativeConfig | None = None) -> SpeculativeConfig | None:
