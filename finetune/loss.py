@@ -147,10 +147,12 @@ def head_input(head: nn.Module) -> Iterator[list[Tensor]]:
 
 
 def answer_index(labels: Tensor) -> Tensor:
-    """Flattened positions (row * (T - 1) + t) of the shifted targets labels[:, 1:] that are answer tokens. Made on
-    the host from the collated CPU batch and moved with it, it spares loss_sum a device sync mid-step (selecting
-    rows by a boolean mask on the device waits for the whole forward to finish)."""
-    return (labels[:, 1:] != IGNORE).flatten().nonzero().squeeze(1)
+    """Flattened positions b * T + t of labels [B, T] whose next token labels[b, t + 1] is an answer token (the
+    hidden state there predicts it). Made on the host from the collated CPU batch and moved with it, it spares
+    loss_sum a device sync mid-step (selecting rows by a boolean mask on the device waits for the whole forward)."""
+    predicts = torch.zeros_like(labels, dtype=torch.bool)
+    predicts[:, :-1] = labels[:, 1:] != IGNORE
+    return predicts.flatten().nonzero().squeeze(1)
 
 
 def loss_sum(model: Any, batch: dict[str, Tensor], fused: bool | None = None,
@@ -158,7 +160,7 @@ def loss_sum(model: Any, batch: dict[str, Tensor], fused: bool | None = None,
     """Summed cross-entropy over the answer tokens of a batch (labels == IGNORE elsewhere), the labels shifted by
     one (position i predicts token i + 1). Fused with the output head where `fused` (None: XPU_LLM_FUSED_LOSS)
     and the head allows (see the module docstring); otherwise the LM head runs only at positions that predict
-    a token (logits_to_keep). `answer_rows`: answer_index(labels), on the batch's device; None finds them from
+    a token (logits_to_keep). `answer_rows`: answer_index(labels) on the batch's device; None finds them from
     the labels there (a device sync)."""
     labels = batch["labels"]
     targets = labels[:, 1:]
@@ -171,9 +173,9 @@ def loss_sum(model: Any, batch: dict[str, Tensor], fused: bool | None = None,
         h = seen[0]
         assert h.shape[:2] == labels.shape, (
             f"the head's input {tuple(h.shape)} does not match the labels {tuple(labels.shape)}")
-        h, targets = h[:, :-1].reshape(-1, h.shape[-1]), targets.reshape(-1)
         rows = answer_index(labels) if answer_rows is None else answer_rows
-        return head_cross_entropy(h.index_select(0, rows), head, targets.index_select(0, rows))
+        return head_cross_entropy(h.reshape(-1, h.shape[-1]).index_select(0, rows), head,
+                                  labels.reshape(-1).index_select(0, rows + 1))
     keep = (targets != IGNORE).any(0).nonzero().squeeze(1)
     logits = model(**inputs, logits_to_keep=keep, use_cache=False).logits
     return F.cross_entropy(logits.float().flatten(0, 1), targets[:, keep].flatten(), ignore_index=IGNORE,
@@ -183,6 +185,6 @@ def loss_sum(model: Any, batch: dict[str, Tensor], fused: bool | None = None,
 def mean_loss(model: Any, input_ids: Tensor, fused: bool | None = None) -> Tensor:
     """Mean next-token cross-entropy over every position of `input_ids` (what a HF model's `labels=input_ids`
     loss computes), through `loss_sum`; every position is a target, so no device sync."""
-    n = input_ids[:, 1:].numel()
-    rows = torch.arange(n, device=input_ids.device)
-    return loss_sum(model, {"input_ids": input_ids, "labels": input_ids}, fused, answer_rows=rows) / n
+    b, t = input_ids.shape
+    rows = torch.arange(b * t, device=input_ids.device).view(b, t)[:, :-1].flatten()
+    return loss_sum(model, {"input_ids": input_ids, "labels": input_ids}, fused, answer_rows=rows) / rows.numel()

@@ -119,7 +119,7 @@ def test_answer_rows_found_on_the_host_give_the_same_loss_and_grads(tiny_chat_mo
     model = lora_model(tiny_chat_model)
     batch = answer_batch()
     rows = answer_index(batch["labels"])
-    assert rows.tolist() == [4, 5, 6, 7, 8] + [9 + i for i in range(2, 9)]  # targets labels[:, 1:], 9 a row
+    assert rows.tolist() == [4, 5, 6, 7, 8] + [10 + i for i in range(2, 9)]  # positions b * 10 + t
     model.zero_grad(set_to_none=True)
     loss = loss_sum(model, batch, fused=True, answer_rows=rows)
     loss.backward()
