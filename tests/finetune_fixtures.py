@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -48,10 +49,20 @@ def train_args(model: str, out: str, *extra: str, steps: int = 5, batch: int = 4
 
 def run_train(argv: list[str], launcher: list[str] | None = None, timeout: float = 600,
               **popen) -> subprocess.CompletedProcess:
-    """`python -m xpu_llm.finetune.train ARGV` (or under `launcher`) in a fresh process, one thread each."""
+    """`python -m xpu_llm.finetune.train ARGV` (or under `launcher`) in a fresh process, one thread each. On a
+    timeout the whole process group goes (a launcher's ranks too, which would otherwise outlive it and hold the
+    rendezvous port for the next test)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [*(launcher or [sys.executable]), "-m", "xpu_llm.finetune.train", *argv]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, **popen)
+    with subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True, **popen) as proc:
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def losses(out_dir: str) -> list[float]:
