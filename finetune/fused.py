@@ -138,10 +138,18 @@ class FusedSwiGLUMLP(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         with saved_as_recomputed(x, RECOMPUTABLE.get(x)):  # x: a fused norm's output, saved by LoRA A of gate/up
-            g, u = self.gate_proj(x), self.up_proj(x)
+            g, u = project(x, (self.gate_proj, self.up_proj))
         h = swiglu(g, u)
         with saved_as_recomputed(h, Recompute(lambda: swiglu(g.detach(), u.detach()))):
             return self.down_proj(h)
+
+
+def project(x: Tensor, layers: tuple[nn.Module, ...]) -> list[Tensor]:
+    """[layer(x) for layer in layers], through the layers' class's `forward_group(layers, x)` when it has one and
+    it takes them (LoRA on low-bit linears: one autograd node for linears that share their input)."""
+    group = getattr(type(layers[0]), "forward_group", None)
+    out = group(layers, x) if group is not None else None
+    return list(out) if out is not None else [layer(x) for layer in layers]
 
 
 def swiglu(g: Tensor, u: Tensor) -> Tensor:
@@ -253,9 +261,8 @@ def _rope_attention_forward(self, hidden_states: Tensor, position_embeddings=Non
     hf = sys.modules[hf_cls.__module__]
     hidden_shape = (*hidden_states.shape[:-1], -1, self.head_dim)
     with saved_as_recomputed(hidden_states, RECOMPUTABLE.get(hidden_states)):  # a fused norm's output
-        q = self.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        q, k, v = (t.view(hidden_shape).transpose(1, 2)
+                   for t in project(hidden_states, (self.q_proj, self.k_proj, self.v_proj)))
     q, k = apply_rope(q, k, *position_embeddings, hf.apply_rotary_pos_emb)
     attention = hf.ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
                                                          hf.eager_attention_forward)

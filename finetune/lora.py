@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -49,6 +49,21 @@ def fused_lora_on() -> bool:
     """False when XPU_LLM_FUSED_LORA_DROPOUT=0: PEFT's own dropout, A and B modules for every LoRA layer (an A/B
     switch; the fused kernels and the one-node layer are the default)."""
     return os.environ.get("XPU_LLM_FUSED_LORA_DROPOUT", "1") != "0"
+
+
+def grouped_lora_on() -> bool:
+    """False when XPU_LLM_GROUPED_LORA=0: q/k/v and gate/up take one autograd node each (an A/B switch; one node
+    per group of linears that share their input is the default, see LowBitLoraLinear.forward_group)."""
+    return os.environ.get("XPU_LLM_GROUPED_LORA", "1") != "0"
+
+
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling `module` would run hooks (its own or global ones: DeepSpeed, accelerate, user hooks)."""
+    from torch.nn.modules import module as m
+
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or m._global_forward_hooks or m._global_forward_pre_hooks
+                or m._global_backward_hooks or m._global_backward_pre_hooks)
 
 
 def lora_a(a: nn.Module, dropout: nn.Module, x2d: torch.Tensor) -> torch.Tensor:
@@ -123,6 +138,35 @@ class LowBitLoraLinear(PeftLoraLinear):
             return None
         return lin.lora_linear(x2d, self.base_layer, lowbit_matmul, a.weight, b.weight, lin.dropout_p(dropout),
                                self.scaling[name])
+
+    @staticmethod
+    def forward_group(layers: Sequence[nn.Module], x: torch.Tensor) -> list[torch.Tensor] | None:
+        """[layer(x) for layer in layers] as one autograd node (lora_linear.lora_linears) when they are 2-3
+        LowBitLoraLinear layers that would each take the one-node path (`_one_node`) with one adapter of the same
+        rank and dropout p, and calling them runs no hooks; None otherwise (call them one by one). Each adapter
+        keeps its own dropout mask, drawn in the order of the calls it replaces."""
+        lin = triton_module("lora_linear")
+        if (lin is None or not 2 <= len(layers) <= 3 or not grouped_lora_on() or not fused_lora_on()
+                or not use_kernels(x) or not all(type(m) is LowBitLoraLinear and not _hooked(m) for m in layers)):
+            return None
+        x2d = x.reshape(-1, x.shape[-1])
+        parts = []
+        for m in layers:
+            names = [n for n in m.active_adapters if n in m.lora_A]
+            if m.disable_adapters or m.merged or len(names) != 1 or not m._fused_ok():
+                return None
+            a, b, dropout = m.lora_A[names[0]], m.lora_B[names[0]], m.lora_dropout[names[0]]
+            if (m._cast_input_dtype(x2d, a.weight.dtype) is not x2d
+                    or not lin.applies(m.base_layer, a, b, dropout, x2d)):
+                return None
+            parts.append((m.base_layer, a.weight, b.weight, lin.dropout_p(dropout), m.scaling[names[0]]))
+        bases, a_weights, b_weights, ps, scalings = zip(*parts)
+        if len({w.shape[0] for w in a_weights}) != 1 or len(set(ps)) != 1:
+            return None
+        for m in layers:
+            m._check_forward_args(x)
+        outs = lin.lora_linears(x2d, bases, lowbit_matmul, a_weights, b_weights, ps[0], scalings)
+        return [out.view(*x.shape[:-1], out.shape[-1]) for out in outs]
 
     def _fused_ok(self) -> bool:
         """True when every active adapter is plain LoRA whose B is an ordinary local weight without a bias."""

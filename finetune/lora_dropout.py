@@ -28,11 +28,17 @@ arrive (an atomic counter, reset by that program) adds them in split order, so t
 result is deterministic. On an H200 at T 4096, r 16 (a one-off timing with triton.testing.do_bench): K 4096 47.0
 -> 29.6 us, K 14336 111.5 -> 79.9 us; an 8B QLoRA step's dropout kernels ~29 -> 25 ms (20 layers not recomputed).
 
+Adapters of linears that read the same input (q/k/v, gate/up) can share a launch: their As stacked, a seed each
+(`forward(x, a, seeds, p)`). The forward gives each its own program along the grid's third axis, with the values
+of one call each; the backward reads x once, draws every adapter's mask in registers and writes the sum of their
+input gradients once. lora_linear.lora_linears uses it.
+
 Portable Triton: the same source runs on NVIDIA and Intel GPUs and, under TRITON_INTERPRET=1, on CPU tensors
 (the tests)."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -84,16 +90,22 @@ def _dot(a, b, acc, SOFT_BF16: tl.constexpr):
     return tl.dot(a, b, acc)
 
 
-@triton.jit(do_not_specialize=["seed"])
-def _lora_dropout_fwd(x_ptr, a_ptr, seed, h_ptr, part_ptr, count_ptr, T, K, R, n_kb, kb_per_split, p16, scale,
-                      BT: tl.constexpr, RP: tl.constexpr, ROUNDS: tl.constexpr, SOFT_BF16: tl.constexpr,
-                      SPLIT: tl.constexpr):
-    """h [T, R] = (x * keep) [T, K] @ a^T [K, R] * scale, with a rounded to x's dtype (as autocast casts A for
-    its matmul); a program owns BT rows and `kb_per_split` column blocks. SPLIT: each program stores its float32
-    partial sum in part [splits, T, R] and counts itself in count[row block]; the last of a row block to arrive
-    adds the partials in split order (deterministic), writes h and resets its counter to 0 for the next call."""
-    rows = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
+@triton.jit(do_not_specialize=["seed0", "seed1", "seed2"])
+def _lora_dropout_fwd(x_ptr, a_ptr, seed0, seed1, seed2, h_ptr, part_ptr, count_ptr, T, K, R, n_kb, kb_per_split,
+                      p16, scale, BT: tl.constexpr, RP: tl.constexpr, ROUNDS: tl.constexpr,
+                      SOFT_BF16: tl.constexpr, SPLIT: tl.constexpr):
+    """h [T, G*R] = (x * keep_g) [T, K] @ a_g^T [K, R] * scale for each adapter g < G (grid axis 2, G <= 3: a is
+    the adapters' A stacked [G*R, K], seed_g draws adapter g's mask), with a rounded to x's dtype (as autocast
+    casts A for its matmul); a program owns BT rows, one adapter and `kb_per_split` column blocks. SPLIT: each
+    program stores its float32 partial sum in part [G, splits, T, R] and counts itself in count[adapter, row
+    block]; the last of a row block to arrive adds the partials in split order (deterministic), writes h and
+    resets its counter to 0 for the next call."""
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * BT + tl.arange(0, BT)
     split = tl.program_id(1)
+    g = tl.program_id(2)
+    seed = tl.where(g == 0, seed0, tl.where(g == 1, seed1, seed2))
+    rs = R * tl.num_programs(2)  # h's row stride
     cols = tl.arange(0, 64)
     rr = tl.arange(0, RP)
     acc = tl.zeros((BT, RP), tl.float32)
@@ -101,61 +113,108 @@ def _lora_dropout_fwd(x_ptr, a_ptr, seed, h_ptr, part_ptr, count_ptr, T, K, R, n
         k = kb * 64 + cols
         x = tl.load(x_ptr + rows[:, None] * K + k[None, :], mask=(rows < T)[:, None] & (k < K)[None, :], other=0.0)
         x = tl.where(_keep(seed, rows, kb, n_kb, p16, BT, ROUNDS), x, 0.0)
-        at = tl.load(a_ptr + rr[None, :] * K + k[:, None], mask=(rr < R)[None, :] & (k < K)[:, None], other=0.0)
+        at = tl.load(a_ptr + (g * R + rr[None, :]) * K + k[:, None], mask=(rr < R)[None, :] & (k < K)[:, None],
+                     other=0.0)
         acc = _dot(x, cast(at.to(tl.float32), x_ptr.dtype.element_ty, SOFT_BF16), acc, SOFT_BF16)
     out = (rows < T)[:, None] & (rr < R)[None, :]
+    h_at = h_ptr + rows[:, None] * rs + g * R + rr[None, :]
     if SPLIT:
         n_split = tl.num_programs(1)
-        tl.store(part_ptr + (split * T + rows[:, None]) * R + rr[None, :], acc, mask=out)
-        arrived = tl.atomic_add(count_ptr + tl.program_id(0), 1, sem="acq_rel")
+        part_at = part_ptr + ((g * n_split + split) * T + rows[:, None]) * R + rr[None, :]
+        tl.store(part_at, acc, mask=out)
+        counter = count_ptr + g * tl.num_programs(0) + pid
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel")
         if arrived == n_split - 1:
             acc = tl.zeros((BT, RP), tl.float32)
             for j in range(0, n_split):
-                acc += tl.load(part_ptr + (j * T + rows[:, None]) * R + rr[None, :], mask=out, other=0.0)
-            tl.store(h_ptr + rows[:, None] * R + rr[None, :], cast(acc * scale, h_ptr.dtype.element_ty, SOFT_BF16),
-                     mask=out)
-            tl.atomic_xchg(count_ptr + tl.program_id(0), 0)
+                acc += tl.load(part_at + (j - split) * T * R, mask=out, other=0.0)
+            tl.store(h_at, cast(acc * scale, h_ptr.dtype.element_ty, SOFT_BF16), mask=out)
+            tl.atomic_xchg(counter, 0)
     else:
-        tl.store(h_ptr + rows[:, None] * R + rr[None, :], cast(acc * scale, h_ptr.dtype.element_ty, SOFT_BF16),
-                 mask=out)
+        tl.store(h_at, cast(acc * scale, h_ptr.dtype.element_ty, SOFT_BF16), mask=out)
 
 
-@triton.jit(do_not_specialize=["seed"])
-def _lora_dropout_bwd(dh_ptr, x_ptr, a_ptr, seed, dx_ptr, part_ptr, T, K, R, n_kb, rows_per_split, p16, scale,
-                      BT: tl.constexpr, RP: tl.constexpr, ROUNDS: tl.constexpr, SOFT_BF16: tl.constexpr,
-                      WANT_DX: tl.constexpr, WANT_DA: tl.constexpr, ACCUM: tl.constexpr):
-    """Both gradients of _lora_dropout_fwd in one pass over the mask: dx [T, K] = (dh @ a) * keep * scale (added
-    to what dx holds when ACCUM, e.g. the base layer's input gradient, in float32 before one rounding), and
-    part[s, :, block] = scale * dh[rows of s]^T @ (x * keep)[rows of s, block] (float32 partial sums of a's
-    gradient). A program owns one split of the rows and one column block."""
+@triton.jit
+def _a_tile(a_ptr, g, R, K, k, RP: tl.constexpr, dtype: tl.constexpr, SOFT_BF16: tl.constexpr, WANT: tl.constexpr):
+    """Adapter g's A [RP, 64] at columns k in `dtype` (zeros when not WANT: a placeholder never read)."""
+    rr = tl.arange(0, RP)
+    if WANT:
+        a = tl.load(a_ptr + (g * R + rr[:, None]) * K + k[None, :], mask=(rr < R)[:, None] & (k < K)[None, :],
+                    other=0.0)
+        a = cast(a.to(tl.float32), dtype, SOFT_BF16)
+    else:
+        a = tl.zeros((RP, 64), dtype)
+    return a
+
+
+@triton.jit
+def _bwd_adapter(dh_ptr, x, a, seed, g, rows, rm, kb, n_kb, p16, scale, R, dx, da, BT: tl.constexpr,
+                 RP: tl.constexpr, ROUNDS: tl.constexpr, SOFT_BF16: tl.constexpr, WANT_DX: tl.constexpr,
+                 WANT_DA: tl.constexpr, G: tl.constexpr):
+    """Adapter g's share of a row block: dx += (dh_g @ a_g) * keep_g * scale, da += dh_g^T @ (x * keep_g)."""
+    rr = tl.arange(0, RP)
+    keep = _keep(seed, rows, kb, n_kb, p16, BT, ROUNDS)
+    dh = tl.load(dh_ptr + rows[:, None] * (G * R) + g * R + rr[None, :], mask=rm[:, None] & (rr < R)[None, :],
+                 other=0.0)
+    if WANT_DX:
+        dx += tl.where(keep, _dot(dh, a, tl.zeros((BT, 64), tl.float32), SOFT_BF16) * scale, 0.0)
+    if WANT_DA:
+        da = _dot(tl.trans(dh), tl.where(keep, x, 0.0), da, SOFT_BF16)
+    return dx, da
+
+
+@triton.jit(do_not_specialize=["seed0", "seed1", "seed2"])
+def _lora_dropout_bwd(dh_ptr, x_ptr, a_ptr, seed0, seed1, seed2, dx_ptr, part_ptr, T, K, R, n_kb, rows_per_split,
+                      p16, scale, BT: tl.constexpr, RP: tl.constexpr, ROUNDS: tl.constexpr,
+                      SOFT_BF16: tl.constexpr, WANT_DX: tl.constexpr, WANT_DA: tl.constexpr, ACCUM: tl.constexpr,
+                      G: tl.constexpr):
+    """The gradients of _lora_dropout_fwd for its G adapters in one pass over x: dx [T, K] = sum over g of
+    (dh_g @ a_g) * keep_g * scale (added to what dx holds when ACCUM, e.g. the base layers' input gradient, in
+    float32 before one rounding), and part[s, g*R:(g+1)*R, block] = scale * dh_g[rows of s]^T @ (x *
+    keep_g)[rows of s, block] (float32 partial sums of each A's gradient). dh is [T, G*R]. A program owns one
+    split of the rows and one column block."""
     s = tl.program_id(0)
     kb = tl.program_id(1)
     k = kb * 64 + tl.arange(0, 64)
     rr = tl.arange(0, RP)
-    if WANT_DX:
-        a = tl.load(a_ptr + rr[:, None] * K + k[None, :], mask=(rr < R)[:, None] & (k < K)[None, :], other=0.0)
-        a = cast(a.to(tl.float32), dh_ptr.dtype.element_ty, SOFT_BF16)
-    da = tl.zeros((RP, 64), tl.float32)
+    dt = dh_ptr.dtype.element_ty
+    a0 = _a_tile(a_ptr, 0, R, K, k, RP, dt, SOFT_BF16, WANT_DX)
+    a1 = _a_tile(a_ptr, 1, R, K, k, RP, dt, SOFT_BF16, WANT_DX and G >= 2)
+    a2 = _a_tile(a_ptr, 2, R, K, k, RP, dt, SOFT_BF16, WANT_DX and G >= 3)
+    da0 = tl.zeros((RP, 64), tl.float32)
+    da1 = tl.zeros((RP, 64), tl.float32)
+    da2 = tl.zeros((RP, 64), tl.float32)
     r_begin = s.to(tl.int64) * rows_per_split
     r_end = tl.minimum(r_begin + rows_per_split, T)
     for r0 in range(r_begin, r_end, BT):
         rows = r0 + tl.arange(0, BT)
         rm = rows < r_end
-        keep = _keep(seed, rows, kb, n_kb, p16, BT, ROUNDS)
-        dh = tl.load(dh_ptr + rows[:, None] * R + rr[None, :], mask=rm[:, None] & (rr < R)[None, :], other=0.0)
-        if WANT_DX:
-            dx = tl.where(keep, _dot(dh, a, tl.zeros((BT, 64), tl.float32), SOFT_BF16) * scale, 0.0)
-            if ACCUM:
-                dx += tl.load(dx_ptr + rows[:, None] * K + k[None, :], mask=rm[:, None] & (k < K)[None, :],
-                              other=0.0).to(tl.float32)
-            tl.store(dx_ptr + rows[:, None] * K + k[None, :], cast(dx, dx_ptr.dtype.element_ty, SOFT_BF16),
-                     mask=rm[:, None] & (k < K)[None, :])
+        xm = rm[:, None] & (k < K)[None, :]
         if WANT_DA:
-            x = tl.load(x_ptr + rows[:, None] * K + k[None, :], mask=rm[:, None] & (k < K)[None, :], other=0.0)
-            da = _dot(tl.trans(dh), tl.where(keep, x, 0.0), da, SOFT_BF16)
+            x = tl.load(x_ptr + rows[:, None] * K + k[None, :], mask=xm, other=0.0)
+        else:
+            x = tl.zeros((BT, 64), x_ptr.dtype.element_ty)
+        dx = tl.zeros((BT, 64), tl.float32)
+        dx, da0 = _bwd_adapter(dh_ptr, x, a0, seed0, 0, rows, rm, kb, n_kb, p16, scale, R, dx, da0, BT, RP, ROUNDS,
+                               SOFT_BF16, WANT_DX, WANT_DA, G)
+        if G >= 2:
+            dx, da1 = _bwd_adapter(dh_ptr, x, a1, seed1, 1, rows, rm, kb, n_kb, p16, scale, R, dx, da1, BT, RP,
+                                   ROUNDS, SOFT_BF16, WANT_DX, WANT_DA, G)
+        if G >= 3:
+            dx, da2 = _bwd_adapter(dh_ptr, x, a2, seed2, 2, rows, rm, kb, n_kb, p16, scale, R, dx, da2, BT, RP,
+                                   ROUNDS, SOFT_BF16, WANT_DX, WANT_DA, G)
+        if WANT_DX:
+            if ACCUM:
+                dx += tl.load(dx_ptr + rows[:, None] * K + k[None, :], mask=xm, other=0.0).to(tl.float32)
+            tl.store(dx_ptr + rows[:, None] * K + k[None, :], cast(dx, dx_ptr.dtype.element_ty, SOFT_BF16), mask=xm)
     if WANT_DA:
-        tl.store(part_ptr + (s * R + rr[:, None]) * K + k[None, :], da * scale,
-                 mask=(rr < R)[:, None] & (k < K)[None, :])
+        part = part_ptr + (s * G * R + rr[:, None]) * K + k[None, :]
+        pm = (rr < R)[:, None] & (k < K)[None, :]
+        tl.store(part, da0 * scale, mask=pm)
+        if G >= 2:
+            tl.store(part + R * K, da1 * scale, mask=pm)
+        if G >= 3:
+            tl.store(part + 2 * R * K, da2 * scale, mask=pm)
 
 
 @triton.jit(do_not_specialize=["seed"])
@@ -196,21 +255,35 @@ def forward_splits(t: int, k: int, device: torch.device) -> int:
     return max(1, min(n_kb, triton.cdiv(FWD_PROGRAMS_PER_SM * _sm_count(device), programs)))
 
 
-def forward(x2d: Tensor, a: Tensor, seed: int, p: float, splits: int | None = None) -> Tensor:
-    """dropout(x2d) @ a^T with the mask of `seed` (see draw_seed); a contiguous, any float dtype. The columns
-    are split `splits` ways (None: forward_splits) into float32 partial sums added in a fixed order."""
+MAX_ADAPTERS = 3  # adapters one launch serves (q/k/v, gate/up): the kernels hold one set of registers for each
+
+
+def _seeds(seed: int | Sequence[int], a: Tensor) -> tuple[tuple[int, int, int], int, int]:
+    """(three seed arguments, adapters G, rank R) for one seed or one seed per adapter of a stacked [G*R, K]."""
+    seeds = (seed,) if isinstance(seed, int) else tuple(seed)
+    g = len(seeds)
+    assert 1 <= g <= MAX_ADAPTERS and a.shape[0] % g == 0, (
+        f"{g} seeds for A of {a.shape[0]} rows: give 1 to {MAX_ADAPTERS} seeds, one per adapter of equal rank")
+    return (*seeds, *seeds[:1] * (MAX_ADAPTERS - g)), g, a.shape[0] // g  # unused seeds: int64 like the rest
+
+
+def forward(x2d: Tensor, a: Tensor, seed: int | Sequence[int], p: float, splits: int | None = None) -> Tensor:
+    """dropout(x2d) @ a^T with the mask of `seed` (see draw_seed); a contiguous, any float dtype. With a seed per
+    adapter, a is the adapters' A stacked [G*R, K] and the result [T, G*R] holds each adapter's product, under its
+    own mask, in its R columns: one launch, the same values as one call per adapter. The columns are split `splits`
+    ways (None: forward_splits) into float32 partial sums added in a fixed order."""
+    (s0, s1, s2), n, r = _seeds(seed, a)
     t, k = x2d.shape
-    r = a.shape[0]
     bt, warps = FWD
     n_kb = triton.cdiv(k, COLS)
     per = triton.cdiv(n_kb, splits or forward_splits(t, k, x2d.device))
     splits, programs = triton.cdiv(n_kb, per), triton.cdiv(t, bt)
-    h = torch.empty((t, r), dtype=x2d.dtype, device=x2d.device)
-    part = torch.empty((splits, t, r), dtype=torch.float32, device=x2d.device) if splits > 1 else h
-    count = _counters(x2d.device, programs) if splits > 1 else h
-    _lora_dropout_fwd[(programs, splits)](x2d, a, seed, h, part, count, t, k, r, n_kb, per, threshold(p),
-                                          keep_scale(p), BT=bt, RP=_rank_pad(r), ROUNDS=ROUNDS,
-                                          SOFT_BF16=interpreting(), SPLIT=splits > 1, num_warps=warps)
+    h = torch.empty((t, n * r), dtype=x2d.dtype, device=x2d.device)
+    part = torch.empty((n, splits, t, r), dtype=torch.float32, device=x2d.device) if splits > 1 else h
+    count = _counters(x2d.device, n * programs) if splits > 1 else h
+    _lora_dropout_fwd[(programs, splits, n)](x2d, a, s0, s1, s2, h, part, count, t, k, r, n_kb, per, threshold(p),
+                                             keep_scale(p), BT=bt, RP=_rank_pad(r), ROUNDS=ROUNDS,
+                                             SOFT_BF16=interpreting(), SPLIT=splits > 1, num_warps=warps)
     return h
 
 
@@ -227,14 +300,17 @@ def _counters(device: torch.device, n: int) -> Tensor:
     return c
 
 
-def backward(dh: Tensor, x2d: Tensor, a: Tensor, seed: int, p: float, want_dx: bool = True,
+def backward(dh: Tensor, x2d: Tensor, a: Tensor, seed: int | Sequence[int], p: float, want_dx: bool = True,
              want_da: bool = True, dx: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
-    """Gradients of h = forward(x2d, a, seed, p) for the incoming dh [T, R] (contiguous): x2d's, (dh @ a) * keep /
-    (1 - p) in x2d's dtype (added into `dx` in place when given: contiguous, x2d's shape and dtype), and a's,
-    dh^T @ (x2d * keep) / (1 - p) in float32. The rows are split over enough programs to fill the device; a's
-    float32 partial sums are added in a fixed order (deterministic)."""
-    t, r = dh.shape
+    """Gradients of h = forward(x2d, a, seed, p) for the incoming dh [T, G*R] (contiguous): x2d's, the sum over
+    adapters of (dh_g @ a_g) * keep_g / (1 - p) in x2d's dtype (added into `dx` in place when given: contiguous,
+    x2d's shape and dtype), and a's [G*R, K], dh_g^T @ (x2d * keep_g) / (1 - p) in float32. x is read once for
+    all adapters. The rows are split over enough programs to fill the device; a's float32 partial sums are added
+    in a fixed order (deterministic)."""
+    (s0, s1, s2), n, r = _seeds(seed, a)
+    t = dh.shape[0]
     k = x2d.shape[1]
+    assert dh.shape == (t, n * r) and dh.is_contiguous(), f"dh must be a contiguous [{t}, {n * r}] tensor"
     (bt, warps), n_kb = BWD, triton.cdiv(k, COLS)
     splits = max(1, min(triton.cdiv(BWD_PROGRAMS_PER_SM * _sm_count(x2d.device), n_kb), triton.cdiv(t, 4 * bt)))
     per = triton.cdiv(triton.cdiv(t, splits), bt) * bt
@@ -245,10 +321,10 @@ def backward(dh: Tensor, x2d: Tensor, a: Tensor, seed: int, p: float, want_dx: b
             f"dx to add into must be contiguous {tuple(x2d.shape)} {x2d.dtype}, got {tuple(dx.shape)} {dx.dtype}")
     elif want_dx:
         dx = torch.empty((t, k), dtype=x2d.dtype, device=x2d.device)
-    part = torch.empty((splits, r, k), dtype=torch.float32, device=x2d.device) if want_da else None
-    _lora_dropout_bwd[(splits, n_kb)](dh, x2d, a, seed, dx, part, t, k, r, n_kb, per, threshold(p), keep_scale(p),
-                                      BT=bt, RP=_rank_pad(r), ROUNDS=ROUNDS, SOFT_BF16=interpreting(),
-                                      WANT_DX=want_dx, WANT_DA=want_da, ACCUM=accum, num_warps=warps,
+    part = torch.empty((splits, n * r, k), dtype=torch.float32, device=x2d.device) if want_da else None
+    _lora_dropout_bwd[(splits, n_kb)](dh, x2d, a, s0, s1, s2, dx, part, t, k, r, n_kb, per, threshold(p),
+                                      keep_scale(p), BT=bt, RP=_rank_pad(r), ROUNDS=ROUNDS, SOFT_BF16=interpreting(),
+                                      WANT_DX=want_dx, WANT_DA=want_da, ACCUM=accum, G=n, num_warps=warps,
                                       num_stages=BWD_STAGES)
     return dx, None if part is None else part[0] if splits == 1 else part.sum(0)
 

@@ -17,7 +17,7 @@ Measured on an H200 (benchmarks/qlora.py, 8B shape, 8 layers not recomputed, two
 speed): device time per step 335 -> 327 ms, 9596 -> 10038 tokens/s."""
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -96,3 +96,70 @@ class LoraLinearFunction(torch.autograd.Function):
             if want_da:
                 da = torch.mm(dh.t(), x2d)
         return dx, None if da is None else da.to(a.dtype), db, None, None, None, None, None
+
+
+def lora_linears(x2d: Tensor, bases: Sequence[nn.Module], matmul: Callable[[Tensor, nn.Module], Tensor],
+                 a_weights: Sequence[Tensor], b_weights: Sequence[Tensor], p: float,
+                 scalings: Sequence[float]) -> tuple[Tensor, ...]:
+    """`lora_linear` for up to three adapted linears that read the same x2d (q/k/v, gate/up) as one autograd node:
+    their products as before, each adapter under its own dropout mask, but one dropout-A launch for all of them
+    forward and one backward, and their input gradients summed into one tensor (the base products by addmm, the
+    adapters' inside the dropout kernel) instead of by autograd's adds. Each adapter needs `applies` to hold, and
+    all of them the same rank and p."""
+    n = len(bases)
+    assert 1 <= n <= kd.MAX_ADAPTERS and len(a_weights) == len(b_weights) == len(scalings) == n, (
+        f"1 to {kd.MAX_ADAPTERS} linears with an A, a B and a scaling each")
+    assert len({a.shape[0] for a in a_weights}) == 1, "the adapters must have the same rank"
+    return LoraGroupFunction.apply(x2d, tuple(bases), matmul, p, tuple(scalings),
+                                   tuple(keeps_weight(b) for b in bases), *a_weights, *b_weights)
+
+
+class LoraGroupFunction(torch.autograd.Function):
+    """See lora_linears. Saves x2d, the As stacked, the Bs in x's dtype, the [tokens, n*r] product h and, in a
+    checkpointed block, the dequantized base weights."""
+
+    @staticmethod
+    def forward(ctx, x2d: Tensor, bases: tuple[nn.Module, ...], matmul, p: float, scalings: tuple[float, ...],
+                keep_w: tuple[bool, ...], *weights: Tensor) -> tuple[Tensor, ...]:
+        n, dtype = len(bases), x2d.dtype
+        ws = [base.dequantize_weight(dtype) if keep else None for base, keep in zip(bases, keep_w)]
+        outs = [F.linear(x2d, w) if w is not None else matmul(x2d, base) for base, w in zip(bases, ws)]
+        a = torch.cat([w.detach() for w in weights[:n]])
+        r = a.shape[0] // n
+        seeds = tuple(kd.draw_seed() for _ in range(n)) if p > 0 else ()  # in order: the masks of n calls
+        h = kd.forward(x2d, a, seeds, p) if p > 0 else x2d @ a.to(dtype).t()
+        bs = [w.detach().to(dtype) for w in weights[n:]]
+        for i, (out, b, s) in enumerate(zip(outs, bs, scalings)):
+            out.addmm_(h[:, i * r:(i + 1) * r], b.t(), alpha=s)
+        ctx.save_for_backward(x2d, a, h, *bs, *ws)
+        ctx.n, ctx.bases, ctx.seeds, ctx.p, ctx.scalings = n, bases, seeds, p, scalings
+        ctx.dtypes = [w.dtype for w in weights]
+        return tuple(outs)
+
+    @staticmethod
+    def backward(ctx, *douts: Tensor):
+        n = ctx.n
+        x2d, a, h, *rest = ctx.saved_tensors
+        bs, ws = rest[:n], rest[n:]
+        want_dx, want_a, want_b = ctx.needs_input_grad[0], ctx.needs_input_grad[6:6 + n], ctx.needs_input_grad[6 + n:]
+        r = a.shape[0] // n
+        douts = [d.contiguous() for d in douts]
+        dh = torch.cat([torch.mm(d, b).mul_(s) for d, b, s in zip(douts, bs, ctx.scalings)], 1)
+        dbs = [torch.mm(h[:, i * r:(i + 1) * r].t(), d).mul_(s).t().to(dt) if want else None
+               for i, (d, s, dt, want) in enumerate(zip(douts, ctx.scalings, ctx.dtypes[n:], want_b))]
+        dx = da = None
+        if want_dx:
+            for d, w, base in zip(douts, ws, ctx.bases):
+                w = (w if w is not None else base.dequantize_weight(d.dtype)).to(d.dtype)
+                dx = torch.mm(d, w) if dx is None else dx.addmm_(d, w)
+        if ctx.p > 0:
+            if want_dx or any(want_a):
+                dx, da = kd.backward(dh, x2d, a, ctx.seeds, ctx.p, want_dx, any(want_a), dx=dx)
+        else:
+            if want_dx:
+                dx.addmm_(dh, a.to(dh.dtype))
+            if any(want_a):
+                da = torch.mm(dh.t(), x2d)
+        das = [da[i * r:(i + 1) * r].to(dt) if want else None
+               for i, (dt, want) in enumerate(zip(ctx.dtypes[:n], want_a))]
+        return dx, None, None, None, None, None, *das, *dbs

@@ -4,6 +4,7 @@ replay under activation checkpointing; and a low-bit LoRA layer taking the fused
 kernels run; without one, the same kernels run on CPU tensors through Triton's interpreter (a child process)."""
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -79,6 +80,43 @@ def test_kernels_match_float64_with_the_same_mask(dtype, t, k, r):
     only_dx, none = ld.backward(dh, x, a, seed, p, want_da=False)
     none2, only_da = ld.backward(dh, x, a, seed, p, want_dx=False)
     assert none is None and none2 is None and torch.equal(only_dx, dx) and torch.equal(only_da, da)
+
+
+@here
+@pytest.mark.parametrize("n", [2, 3])
+def test_one_launch_for_adapters_of_one_input_equals_one_call_each(n):
+    """q/k/v (gate/up) adapters share their input: one launch with a seed per adapter and their A stacked gives
+    each adapter's product under its own mask, bit for bit as one call each; one backward launch gives the sum
+    of their input gradients (added to the base's in float32) and each A's gradient as one call each."""
+    from xpu_llm.finetune import lora_dropout as ld
+
+    t, k, r, p = 37, 200, 8, 0.25
+    g = torch.Generator().manual_seed(n)
+    x = (torch.randn(t, k, generator=g) * 2 + 0.3).to(DEV, torch.bfloat16)
+    a_each = [(torch.randn(r, k, generator=g) * 0.1).to(DEV) for _ in range(n)]
+    dh_each = [torch.randn(t, r, generator=g).to(DEV, torch.bfloat16) for _ in range(n)]
+    seeds = [(5 + i) << 33 for i in range(n)]
+    a, dh = torch.cat(a_each), torch.cat(dh_each, 1)
+    for splits in (None, 3):
+        h = ld.forward(x, a, seeds, p, splits=splits)
+        assert h.shape == (t, n * r)
+        for i in range(n):
+            assert torch.equal(h[:, i * r:(i + 1) * r], ld.forward(x, a_each[i], seeds[i], p, splits=splits))
+    base = torch.randn(t, k, generator=g).to(DEV, torch.bfloat16)
+    dx, da = ld.backward(dh, x, a, seeds, p, dx=base.clone())
+    want = base.double()
+    for i in range(n):
+        keep = ld.keep_mask(seeds[i], t, k, p, DEV).double() * ld.keep_scale(p)
+        want += (dh_each[i].double() @ a_each[i].to(torch.bfloat16).double()) * keep
+        _, da_i = ld.backward(dh_each[i], x, a_each[i], seeds[i], p, want_dx=False)
+        assert torch.equal(da[i * r:(i + 1) * r], da_i)
+        assert rel(da_i, dh_each[i].double().T @ (x.double() * keep)) <= 1e-5
+    assert rel(dx, want) <= 4e-3
+    only_dx, _ = ld.backward(dh, x, a, seeds, p, want_da=False)
+    _, only_da = ld.backward(dh, x, a, seeds, p, want_dx=False)
+    assert torch.equal(only_da, da) and rel(only_dx, want - base.double()) <= 4e-3
+    with pytest.raises(AssertionError, match="one per adapter"):
+        ld.forward(x, a[:-1], seeds, p)
 
 
 @here
@@ -212,10 +250,12 @@ def test_one_node_layer_equals_the_pieces(p, monkeypatch):
 
 
 @here
-def test_one_node_checkpointed_model_trains_like_the_pieces(monkeypatch):
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_one_node_checkpointed_model_trains_like_the_pieces(p, monkeypatch):
     """A bf16 model with fused layers, reentrant checkpointing on its first layer (whose low-bit linears keep their
-    dequantized weight for backward) and LoRA dropout: the same loss, and adapter gradients within bf16 rounding
-    of the input gradients' single rounding, with and without the one-node layers."""
+    dequantized weight for backward) and LoRA with and without dropout: q/k/v and gate/up as one node each (the
+    default), every linear as one node, and the pieces give the same loss (with dropout, the same masks) and
+    adapter gradients within bf16 rounding of the input gradients' fewer roundings."""
     import xpu_llm
     from xpu_llm.finetune import add_lora, checkpoint_layers, fuse_layers, lora_linear
 
@@ -227,7 +267,7 @@ def test_one_node_checkpointed_model_trains_like_the_pieces(monkeypatch):
     xpu_llm.optimize_model(model, low_bit="nf4", group_size=32)
     fuse_layers(model)
     checkpoint_layers(model, 1)
-    model = add_lora(model, r=4, lora_alpha=8, lora_dropout=0.1).train()
+    model = add_lora(model, r=4, lora_alpha=8, lora_dropout=p).train()
     with torch.no_grad():
         for n, w in model.named_parameters():
             if "lora_B" in n:
@@ -242,14 +282,26 @@ def test_one_node_checkpointed_model_trains_like_the_pieces(monkeypatch):
         loss.backward()
         return loss.detach(), {n: w.grad for n, w in model.named_parameters() if w.requires_grad}
 
-    calls = []
-    apply = lora_linear.LoraLinearFunction.apply
-    monkeypatch.setattr(lora_linear.LoraLinearFunction, "apply", lambda *args: calls.append(1) or apply(*args))
+    calls = {"one": 0, "group": 0}
+    for kind, fn in (("one", lora_linear.LoraLinearFunction), ("group", lora_linear.LoraGroupFunction)):
+        monkeypatch.setattr(fn, "apply", functools.partial(counted, calls, kind, fn.apply))
     loss, grads = run()
-    # 7 linears a layer: the second layer's forward and the first one's recompute (its first forward runs without
-    # autograd, where the pieces run: nothing is recorded)
-    assert len(calls) == 7 * 2
+    # a layer: q/k/v and gate/up as one node each, o and down alone; run for the second layer's forward and the
+    # first one's recompute (its first forward runs without autograd, where the pieces run: nothing is recorded)
+    assert calls == {"one": 2 * 2, "group": 2 * 2}
+    monkeypatch.setenv("XPU_LLM_GROUPED_LORA", "0")
+    one_loss, one_grads = run()
+    assert calls == {"one": 2 * 2 + 7 * 2, "group": 2 * 2}
     monkeypatch.setattr(lora_linear, "applies", lambda *args: False)
     ref_loss, ref_grads = run()
-    assert torch.equal(loss, ref_loss)
+    # the same masks and products: the same loss (without dropout the stacked A's product is one matmul, which may
+    # round differently); input gradients rounded once instead of once per linear
+    assert torch.equal(one_loss, ref_loss)
+    assert torch.equal(loss, ref_loss) if p else abs(loss.item() - ref_loss.item()) <= 1e-2
     assert grads.keys() == ref_grads.keys() and all(rel(grads[n], ref_grads[n]) <= 2e-2 for n in grads)
+    assert all(rel(one_grads[n], ref_grads[n]) <= 2e-2 for n in grads)
+
+
+def counted(calls: dict, kind: str, apply, *args):
+    calls[kind] += 1
+    return apply(*args)
