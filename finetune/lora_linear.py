@@ -152,6 +152,7 @@ class LoraGroupFunction(torch.autograd.Function):
             for d, w, base in zip(douts, ws, ctx.bases):
                 w = (w if w is not None else base.dequantize_weight(d.dtype)).to(d.dtype)
                 dx = torch.mm(d, w) if dx is None else dx.addmm_(d, w)
+                del w  # before the next one is dequantized
         if ctx.p > 0:
             if want_dx or any(want_a):
                 dx, da = kd.backward(dh, x2d, a, ctx.seeds, ctx.p, want_dx, any(want_a), dx=dx)
