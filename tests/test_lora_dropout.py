@@ -305,3 +305,41 @@ def test_one_node_checkpointed_model_trains_like_the_pieces(p, monkeypatch):
 def counted(calls: dict, kind: str, apply, *args):
     calls[kind] += 1
     return apply(*args)
+
+
+@here
+def test_linears_are_grouped_only_when_nothing_would_be_skipped(monkeypatch):
+    """q/k/v and gate/up go through one node only when calling them one by one would run no hooks and their
+    adapters match: a forward hook on k_proj, or k_proj with another rank (LoraConfig.rank_pattern), sends the
+    attention's three linears one by one (the hook runs), while gate/up stay grouped."""
+    import xpu_llm
+    from xpu_llm.finetune import add_lora, fuse_layers, lora_linear
+
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+                                   num_key_value_heads=2, vocab_size=128)
+    ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(1)).to(DEV)
+
+    def build(**lora):
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(cfg).to(DEV, torch.bfloat16).requires_grad_(False)
+        xpu_llm.optimize_model(model, low_bit="nf4", group_size=32)
+        fuse_layers(model)
+        return add_lora(model, r=4, lora_alpha=8, lora_dropout=0.1, **lora).train()
+
+    def groups(model) -> list[int]:
+        sizes = []
+        apply = lora_linear.LoraGroupFunction.apply
+        monkeypatch.setattr(lora_linear.LoraGroupFunction, "apply",
+                            lambda x, bases, *rest: sizes.append(len(bases)) or apply(x, bases, *rest))
+        with torch.autocast(DEV.type, dtype=torch.bfloat16):
+            model(input_ids=ids, use_cache=False).logits.float().sum().backward()
+        return sizes
+
+    model = build()
+    assert groups(model) == [3, 2]
+    seen = []
+    k_proj = model.get_submodule("base_model.model.model.layers.0.self_attn.k_proj")
+    handle = k_proj.register_forward_hook(lambda mod, args, out: seen.append(out.shape))
+    assert groups(model) == [2] and len(seen) == 1
+    handle.remove()
+    assert groups(build(rank_pattern={"k_proj": 8})) == [2]
