@@ -110,14 +110,18 @@ def check_args(args: Any) -> None:
 def make_accelerator(grad_accum: int) -> Any:
     """An Accelerator that also forms a process group on hosts without an accelerator: torchrun processes
     (accelerate launch --multi_gpu) need cpu=True for that, and DeepSpeed, which must not get cpu=True, needs
-    the gloo backend named (else accelerate counts one process per rank)."""
+    the gloo backend named (else accelerate counts one process per rank). Under DeepSpeed, a stale extension
+    build lock is an error first (finetune/extensions.py), not a silent hang."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
     from ..device import dist_backend, get_device, is_cpu
+    from .extensions import check_build_locks
 
     on_cpu = is_cpu(get_device())
     deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    if deepspeed:
+        check_build_locks()  # DeepSpeed builds ops at start; a killed build's lock would hang every rank
     handlers = [InitProcessGroupKwargs(backend=dist_backend(get_device()))] if on_cpu and deepspeed else []
     return Accelerator(gradient_accumulation_steps=grad_accum, cpu=on_cpu and not deepspeed,
                        kwargs_handlers=handlers)
