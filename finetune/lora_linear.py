@@ -9,9 +9,10 @@ dropout-A backward kernel add its own into it (no separate add, no second [token
 
 Numerics are those of the pieces: A and B rounded to x's dtype (as autocast casts them), the LoRA update added
 to the base output by one addmm, B's gradient rounded to x's dtype before float32 (as through autocast's cast);
-x's gradient is rounded once instead of twice. `LowBitLoraLinear` uses it for a plain LoRA adapter on a
-LowBitLinear without bias when Triton's kernels take the input (see `applies`); everything else keeps the
-pieces.
+x's gradient is rounded once instead of twice. Linears that read the same input (q/k/v, gate/up) can share one
+node (`lora_linears`): one dropout-A launch for all of them each way, and one input gradient for the group; a
+single linear is the group of one. `LowBitLoraLinear` uses it for a plain LoRA adapter on a LowBitLinear without
+bias when Triton's kernels take the input (see `applies`); everything else keeps the pieces.
 
 Measured on an H200 (benchmarks/qlora.py, 8B shape, 8 layers not recomputed, two machines of the same host
 speed): device time per step 335 -> 327 ms, 9596 -> 10038 tokens/s."""
@@ -53,68 +54,30 @@ def lora_linear(x2d: Tensor, base: nn.Module, matmul: Callable[[Tensor, nn.Modul
                 b_weight: Tensor, p: float, scaling: float) -> Tensor:
     """base(x2d) + scaling * dropout(x2d, p) @ a_weight^T @ b_weight^T as one autograd node (see the module
     docstring); `matmul(x2d, base)` is the base's product. Call it when `applies` holds."""
-    return LoraLinearFunction.apply(x2d, a_weight, b_weight, base, matmul, p, scaling, keeps_weight(base))
-
-
-class LoraLinearFunction(torch.autograd.Function):
-    """See lora_linear. Saves x2d, A, B in x's dtype, the [tokens, r] product h and, in a checkpointed block, the
-    dequantized base weight (keeps_weight)."""
-
-    @staticmethod
-    def forward(ctx, x2d: Tensor, a_weight: Tensor, b_weight: Tensor, base: nn.Module, matmul, p: float,
-                scaling: float, keep_w: bool) -> Tensor:
-        dtype = x2d.dtype
-        w = base.dequantize_weight(dtype) if keep_w else None
-        out = F.linear(x2d, w) if w is not None else matmul(x2d, base)
-        a = a_weight.detach().contiguous()
-        seed = kd.draw_seed() if p > 0 else 0
-        h = kd.forward(x2d, a, seed, p) if p > 0 else x2d @ a.to(dtype).t()
-        b = b_weight.detach().to(dtype)
-        out.addmm_(h, b.t(), alpha=scaling)
-        ctx.save_for_backward(x2d, a, b, h, w)
-        ctx.base, ctx.seed, ctx.p, ctx.scaling, ctx.b_dtype = base, seed, p, scaling, b_weight.dtype
-        return out
-
-    @staticmethod
-    def backward(ctx, dout: Tensor):
-        x2d, a, b, h, w = ctx.saved_tensors
-        want_dx, want_da, want_db = ctx.needs_input_grad[:3]
-        dout = dout.contiguous()
-        dh = torch.mm(dout, b).mul_(ctx.scaling)
-        db = torch.mm(h.t(), dout).mul_(ctx.scaling).t().to(ctx.b_dtype) if want_db else None
-        dx = None
-        if want_dx:
-            w = w if w is not None else ctx.base.dequantize_weight(dout.dtype)
-            dx = torch.mm(dout, w.to(dout.dtype))
-        da = None
-        if ctx.p > 0:
-            if want_dx or want_da:
-                dx, da = kd.backward(dh, x2d, a, ctx.seed, ctx.p, want_dx, want_da, dx=dx)
-        else:
-            if want_dx:
-                dx.addmm_(dh, a.to(dh.dtype))
-            if want_da:
-                da = torch.mm(dh.t(), x2d)
-        return dx, None if da is None else da.to(a.dtype), db, None, None, None, None, None
+    return lora_linears(x2d, (base,), matmul, (a_weight,), (b_weight,), p, (scaling,))[0]
 
 
 def lora_linears(x2d: Tensor, bases: Sequence[nn.Module], matmul: Callable[[Tensor, nn.Module], Tensor],
                  a_weights: Sequence[Tensor], b_weights: Sequence[Tensor], p: float,
                  scalings: Sequence[float]) -> tuple[Tensor, ...]:
     """`lora_linear` for up to three adapted linears that read the same x2d (q/k/v, gate/up) as one autograd node:
-    their products as before, each adapter under its own dropout mask, but one dropout-A launch for all of them
-    forward and one backward, and their input gradients summed into one tensor (the base products by addmm, the
-    adapters' inside the dropout kernel) instead of by autograd's adds. Each adapter needs `applies` to hold, and
-    all of them the same rank and p."""
+    their products as one call each would give them, each adapter under its own dropout mask, but one dropout-A
+    launch for all of them forward and one backward, and their input gradients summed into one tensor (the base
+    products by addmm, the adapters' inside the dropout kernel) instead of by autograd's adds. Each adapter needs
+    `applies` to hold, and all of them the same rank and p."""
     n = len(bases)
     assert 1 <= n <= kd.MAX_ADAPTERS and len(a_weights) == len(b_weights) == len(scalings) == n, (
         f"1 to {kd.MAX_ADAPTERS} linears with an A, a B and a scaling each")
     assert len({a.shape[0] for a in a_weights}) == 1, "the adapters must have the same rank"
-    return LoraGroupFunction.apply(x2d, tuple(bases), matmul, p, tuple(scalings),
-                                   tuple(keeps_weight(b) for b in bases), *a_weights, *b_weights)
+    return LoraLinearFunction.apply(x2d, tuple(bases), matmul, p, tuple(scalings),
+                                    tuple(keeps_weight(b) for b in bases), *a_weights, *b_weights)
 
 
-class LoraGroupFunction(torch.autograd.Function):
+def _cat(parts: list[Tensor], dim: int = 0) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
+class LoraLinearFunction(torch.autograd.Function):
     """See lora_linears. Saves x2d, the As stacked, the Bs in x's dtype, the [tokens, n*r] product h and, in a
     checkpointed block, the dequantized base weights."""
 
@@ -124,7 +87,7 @@ class LoraGroupFunction(torch.autograd.Function):
         n, dtype = len(bases), x2d.dtype
         ws = [base.dequantize_weight(dtype) if keep else None for base, keep in zip(bases, keep_w)]
         outs = [F.linear(x2d, w) if w is not None else matmul(x2d, base) for base, w in zip(bases, ws)]
-        a = torch.cat([w.detach() for w in weights[:n]])
+        a = _cat([w.detach() for w in weights[:n]]).contiguous()
         r = a.shape[0] // n
         seeds = tuple(kd.draw_seed() for _ in range(n)) if p > 0 else ()  # in order: the masks of n calls
         h = kd.forward(x2d, a, seeds, p) if p > 0 else x2d @ a.to(dtype).t()
@@ -144,7 +107,7 @@ class LoraGroupFunction(torch.autograd.Function):
         want_dx, want_a, want_b = ctx.needs_input_grad[0], ctx.needs_input_grad[6:6 + n], ctx.needs_input_grad[6 + n:]
         r = a.shape[0] // n
         douts = [d.contiguous() for d in douts]
-        dh = torch.cat([torch.mm(d, b).mul_(s) for d, b, s in zip(douts, bs, ctx.scalings)], 1)
+        dh = _cat([torch.mm(d, b).mul_(s) for d, b, s in zip(douts, bs, ctx.scalings)], 1)
         dbs = [torch.mm(h[:, i * r:(i + 1) * r].t(), d).mul_(s).t().to(dt) if want else None
                for i, (d, s, dt, want) in enumerate(zip(douts, ctx.scalings, ctx.dtypes[n:], want_b))]
         dx = da = None
