@@ -125,6 +125,9 @@ def child_xpu(job: dict[str, Any], device) -> dict[str, Any]:
     materialise(model, job["format"], job["group_size"], torch.bfloat16, device, gen)
     model.eval()
     lin, total = linear_bytes(model), weight_bytes(model)  # before the first forward (kernels may repack)
+    from xpu_llm.kv_cache import apply_kv_cache_dtype
+    apply_kv_cache_dtype(model, job["kv_cache_dtype"])  # LLM's caches: decode steps attend in the Triton kernel
+    os.environ["XPU_LLM_FUSED_ATTENTION"] = "1" if job["attention"] == "kernel" else "0"
     model.setup_caches(b, p + n + 8, dtype=torch.bfloat16, device=device)
     compiled = bool(job["compile"])
     if compiled:
@@ -237,7 +240,8 @@ def markdown(report: dict[str, Any]) -> str:
              f"{' (uncommitted changes)' if m.get('xpu_llm_dirty') else ''}; {report['date']}. Copy bandwidth "
              f"{pr.get('copy_gb_s')} GB/s, bf16 matmul {pr.get('matmul_shape')} {pr.get('matmul_tflop_s')} TFLOP/s. "
              f"{s['new_tokens']} new tokens, group {s['group_size']}, best of {s['repeats']}"
-             f"{', --compile' if s['compile'] else ''}.", "",
+             f"{', --compile' if s['compile'] else ''}; xpu-llm KV cache {s.get('kv_cache_dtype') or 'bf16'}, "
+             f"decode attention {s.get('attention', 'sdpa')}.", "",
              "| engine | format | batch | prompt | tok/s | ms/step | weights MiB/step | % bound | % w+KV | peak GiB "
              "| prefill s | prefill TFLOP/s | % mm | x bf16 |", "|---|---|---:|---:|" + "---:|" * 10]
     for r in report["rows"]:
@@ -273,6 +277,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="transformers bf16 and transformers + bitsandbytes NF4 rows")
     ap.add_argument("--hf-attn", default=None, help="transformers attention (eager, sdpa; default: HF's own)")
     ap.add_argument("--compile", action="store_true", help="xpu_llm.graphs.compile_decode before generating")
+    ap.add_argument("--kv-cache-dtype", default=None, help="xpu-llm's KV cache: int8, fp8, fp8_e5m2 (default: bf16)")
+    ap.add_argument("--attention", choices=["kernel", "sdpa"], default="kernel",
+                    help="xpu-llm decode attention: the Triton kernel over the cache as stored, or PyTorch SDPA "
+                         "(XPU_LLM_FUSED_ATTENTION=0)")
     ap.add_argument("--copy-mib", type=int, default=None, help="copy-bandwidth buffer, default 1024 (tiny: 64)")
     ap.add_argument("--device", default=None, help="default: xpu > cuda > cpu")
     ap.add_argument("--timeout", type=float, default=900, help="seconds per child process (row)")

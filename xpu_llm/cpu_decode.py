@@ -98,11 +98,12 @@ class FastDecodeBlock(TransformerBlock):
         return w2(act).add_(hres).view(b, 1, dim)
 
     def _fast(self, x: Tensor, cos: Tensor, mask: Tensor, input_pos: Tensor) -> bool:
-        """Whether this call is a plain one-token float32 CPU step with no autograd (else the reference path)."""
+        """Whether this call is a plain one-token float32 CPU step with no autograd (else the reference path); the
+        cache a float one (KVCache, or kv_cache.FusedKVCache: the same buffers, SDPA on CPUs)."""
         attn = self._modules["attention"]
         cache = attn._modules.get("kv_cache")
         return (x.shape[1] == 1 and x.dtype == torch.float32 and x.device.type == "cpu"
-                and not torch.is_grad_enabled() and input_pos.dim() == 1 and type(cache) is KVCache
+                and not torch.is_grad_enabled() and input_pos.dim() == 1 and isinstance(cache, KVCache)
                 and cache.k_cache.dtype == torch.float32 and cache.k_cache.is_contiguous()
                 and attn.head_dim <= 512 and self._modules["attention_norm"].weight.dtype == torch.float32
                 and mask.dtype == torch.bool and mask.is_contiguous() and cos.is_contiguous()

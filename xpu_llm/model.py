@@ -42,9 +42,8 @@ class KVCache(nn.Module):
     def batch_size(self) -> int:
         return self.k_cache.shape[0]
 
-    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, kv_len: int | None) -> tuple[Tensor, Tensor]:
-        """Write k, v [B, H, T, D] at slots `input_pos` ([T], or [B, T]: each row its own slots) and return the
-        cache up to `kv_len` slots."""
+    def store(self, input_pos: Tensor, k: Tensor, v: Tensor) -> None:
+        """Write k, v [B, H, T, D] at slots `input_pos` ([T], or [B, T]: each row its own slots)."""
         b = k.shape[0]
         if input_pos.dim() == 2:  # per-row slots (speculative decoding: rows accept different numbers of tokens)
             idx = input_pos.view(b, 1, -1, 1).expand_as(k)
@@ -53,8 +52,19 @@ class KVCache(nn.Module):
         else:
             self.k_cache[:b, :, input_pos] = k
             self.v_cache[:b, :, input_pos] = v
+
+    def update(self, input_pos: Tensor, k: Tensor, v: Tensor, kv_len: int | None) -> tuple[Tensor, Tensor]:
+        """Store k, v (as `store`) and return the cache up to `kv_len` slots."""
+        self.store(input_pos, k, v)
+        b = k.shape[0]
         end = self.k_cache.shape[2] if kv_len is None else kv_len
         return self.k_cache[:b, :, :end], self.v_cache[:b, :, :end]
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, input_pos: Tensor, kv_len: int | None,
+               mask: Tensor) -> Tensor:
+        """Store k, v (as `update`) and return q [B, H, T, D] attended over the cache's first kv_len slots."""
+        k, v = self.update(input_pos, k, v, kv_len)
+        return sdpa(q, k, v, mask)
 
 
 class Attention(nn.Module):
@@ -77,9 +87,7 @@ class Attention(nn.Module):
         v = v.view(b, t, self.n_kv_heads, hd).transpose(1, 2)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         assert self.kv_cache is not None, "call model.setup_caches(batch, max_seq_len) before forward"
-        k, v = self.kv_cache.update(input_pos, k, v, kv_len)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                           enable_gqa=self.n_heads != self.n_kv_heads)
+        y = self.kv_cache.attend(q, k, v, input_pos, kv_len, mask)
         return self.wo(y.transpose(1, 2).reshape(b, t, self.n_heads * hd))
 
 
@@ -173,6 +181,11 @@ class Transformer(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.output(self.norm(x))
+
+
+def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+    """PyTorch's attention of q [B, H, T, D] over k, v [B, KV heads, S, D] (grouped-query when fewer)."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
