@@ -1,5 +1,5 @@
 """Smoke tests of benchmarks/decode.py and benchmarks/ppl.py at tiny settings on the embedded SmolLM2, and of
-benchmarks/decode_8b.py on a tiny random-weight shape: the scripts run, write JSON + markdown, and their numbers
+benchmarks/decode_8b.py and decode_attention.py on tiny random-weight shapes: the scripts run, write JSON + markdown, and their numbers
 are finite and positive (no timing assertions)."""
 from __future__ import annotations
 
@@ -100,7 +100,25 @@ def test_decode_8b_smoke(tmp_path: Path) -> None:
     assert (tmp_path / "d8.md").read_text() in p.stdout and "| xpu-llm | sym_int4 | 2 | 8 |" in p.stdout
 
 
-@pytest.mark.parametrize("script", ["decode.py", "ppl.py", "decode_8b.py"])
+def test_decode_attention_smoke(tmp_path: Path) -> None:
+    """benchmarks/decode_attention.py in-process on the CPU (no kernel there: both columns are SDPA, equal)."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import decode_attention
+    finally:
+        sys.path.remove(str(BENCH))
+    out = tmp_path / "da.json"
+    assert decode_attention.main(["--device", "cpu", "--slots", "64", "--batches", "1", "--kinds", "bf16,int8",
+                                  "--layers", "2", "--reps", "1", "--rounds", "1", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["kind"], r["slots"]) for r in rows] == [("bf16", 64), ("int8", 64)]
+    for r in rows:
+        assert all(_positive(r[k]) for k in ("sdpa_us", "kernel_us", "sdpa_gb_s", "kernel_gb_s")), r
+        assert r["rel_err"] == 0.0
+    assert "| int8 | 64 | 1 |" in (tmp_path / "da.md").read_text()
+
+
+@pytest.mark.parametrize("script", ["decode.py", "ppl.py", "decode_8b.py", "decode_attention.py"])
 def test_scripts_start_with_their_command(script: str) -> None:
     first = (BENCH / script).read_text().splitlines()[0]
     assert first.startswith("# python benchmarks/" + script)
