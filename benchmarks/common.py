@@ -35,6 +35,13 @@ def write_atomic(path: str, text: str) -> None:
         raise
 
 
+def write_report(out: str, report: dict, md: str) -> None:
+    """The report as JSON at `out` and its markdown table next to it (.md), both atomically; the table printed."""
+    write_atomic(out, json.dumps(report, indent=1) + "\n")
+    write_atomic(os.path.splitext(out)[0] + ".md", md)
+    print(md)
+
+
 def rss_mib() -> tuple[int, int]:
     """(current, peak) resident memory of this process in MiB, from /proc (Linux) or getrusage."""
     cur = peak = 0.0

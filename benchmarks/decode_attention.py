@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_info, write_atomic  # noqa: E402
+from common import machine_info, write_atomic, write_report  # noqa: E402
 
 KV_HEADS, HEADS, HEAD_DIM = 8, 32, 128
 
@@ -128,9 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                 if mod is not None:
                     mod.empty_cache()  # the next row's caches in memory this row's held
                 write_atomic(args.out, json.dumps(report, indent=1) + "\n")
-    md = markdown(report)
-    write_atomic(os.path.splitext(args.out)[0] + ".md", md)
-    print(md)
+    write_report(args.out, report, markdown(report))
     return 0
 
 

@@ -32,7 +32,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from common import machine_info, write_atomic
+from common import machine_info, write_report
 
 # Llama-3-8B linear shapes (N out, K in): q/o, k/v, gate/up, down.
 SHAPES_8B = "4096x4096,1024x4096,14336x4096,4096x14336"
@@ -223,10 +223,7 @@ def main(argv: list[str] | None = None) -> int:
                            "autotune": os.environ.get("XPU_LLM_TRITON_AUTOTUNE", "1") != "0"},
               "machine": machine_info(threads=torch.get_num_threads(), peers=False),
               "date": datetime.datetime.now().isoformat(timespec="seconds"), "rows": rows}
-    write_atomic(args.out, json.dumps(report, indent=1) + "\n")
-    md = markdown(report)
-    write_atomic(os.path.splitext(args.out)[0] + ".md", md)
-    print(md)
+    write_report(args.out, report, markdown(report))
     return 0
 
 

@@ -142,6 +142,19 @@ def test_store_kernel_writes_what_pytorch_writes(kind, dtype, per_row, monkeypat
 
 
 @here
+def test_store_kernel_skips_slots_outside_the_cache():
+    """A slot past the cache's end is not written (PyTorch's index write would fail; a captured graph cannot), and
+    the in-range rows of the same call are."""
+    from xpu_llm.attention_kernels import store_kv
+
+    cache = _cache("int8", 1, 2, 8, 16, torch.float32)
+    k, v = (torch.randn(1, 2, 3, 16, generator=torch.Generator().manual_seed(s)).to(DEV) for s in (1, 2))
+    store_kv(k, v, torch.tensor([6, 7, 8], device=DEV), cache.k_q, cache.v_q, "int8", cache.k_scale, cache.v_scale)
+    assert torch.count_nonzero(cache.k_scale[0, :, 6:8]) == 4 and torch.count_nonzero(cache.k_scale[0, :, :6]) == 0
+    assert torch.count_nonzero(cache.v_q[0, :, :6]) == 0
+
+
+@here
 @pytest.mark.parametrize("kind", KINDS)
 def test_cache_attend_equals_its_sdpa_path(kind, monkeypatch):
     """`attend` through the kernel stores the same cache and returns what the dequantize + SDPA path returns."""

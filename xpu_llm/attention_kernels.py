@@ -5,7 +5,7 @@ scale per slot and KV head, fp8 e4m3 / e5m2), without the dequantized copy of th
 One program owns one (batch row, KV head) and a range of cache slots: its query rows are the G query heads that
 share that KV head times the T positions (G * T <= 64, padded to a tl.dot tile of 16+). It walks its slots
 BLOCK_N at a time with an online softmax in float32 and writes either the finished rows (one split) or
-unnormalised partial rows with their max and sum, which `_combine` merges in a fixed order (no atomics). The
+unnormalised partial rows with their max and sum, which `_combine` merges (deterministically, no atomics). The
 mask is the model's own boolean [B|1, 1, T, kv_len] (causal, padding, sliding window), read per tile, so every
 rule of `model.attention_mask` holds as it is. int8 codes and fp8 bytes enter the dot products exactly (fp8 as
 float16 bit fields, as the low-bit kernels decode them; no fp8 instructions needed): the int8 key scales multiply
@@ -187,9 +187,11 @@ def _store_row(x_ptr, q_ptr, s_ptr, offs_d, d_ok, KIND: tl.constexpr):
 
 @triton.jit
 def _store_kernel(k_ptr, v_ptr, pos_ptr, kq_ptr, vq_ptr, ks_ptr, vs_ptr,
-                  skb, skh, skt, svb, svh, svt, spb, spt, sqb, sqh, sqs, ssb, ssh,
+                  skb, skh, skt, svb, svh, svt, spb, spt, sqb, sqh, sqs, ssb, ssh, S,
                   H: tl.constexpr, T: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr, KIND: tl.constexpr):
-    """Program (b, head, position): write that key and value row at its slot (pos [T] or [B, T])."""
+    """Program (b, head, position): write that key and value row at its slot (pos [T] or [B, T]). A slot outside
+    [0, S) is not written (PyTorch's index write would fail there; callers check lengths before a step, and a
+    captured graph cannot stop)."""
     pid = tl.program_id(0)
     t = pid % T
     h = (pid // T) % H
@@ -199,8 +201,9 @@ def _store_kernel(k_ptr, v_ptr, pos_ptr, kq_ptr, vq_ptr, ks_ptr, vs_ptr,
     d_ok = offs_d < D
     dest = b * sqb + h * sqh + slot * sqs
     scale = b * ssb + h * ssh + slot
-    _store_row(k_ptr + b * skb + h * skh + t * skt, kq_ptr + dest, ks_ptr + scale, offs_d, d_ok, KIND)
-    _store_row(v_ptr + b * svb + h * svh + t * svt, vq_ptr + dest, vs_ptr + scale, offs_d, d_ok, KIND)
+    if (slot >= 0) & (slot < S):
+        _store_row(k_ptr + b * skb + h * skh + t * skt, kq_ptr + dest, ks_ptr + scale, offs_d, d_ok, KIND)
+        _store_row(v_ptr + b * svb + h * svh + t * svt, vq_ptr + dest, vs_ptr + scale, offs_d, d_ok, KIND)
 
 
 def store_kv(k: Tensor, v: Tensor, input_pos: Tensor, k_buf: Tensor, v_buf: Tensor, kind: str | None = None,
@@ -220,7 +223,7 @@ def store_kv(k: Tensor, v: Tensor, input_pos: Tensor, k_buf: Tensor, v_buf: Tens
     ssb, ssh = (k_scale.stride(0), k_scale.stride(1)) if int8 else (0, 0)
     _store_kernel[(b * h * t,)](k, v, input_pos, k_buf, v_buf, scales[0], scales[1], k.stride(0), k.stride(1),
                                 k.stride(2), v.stride(0), v.stride(1), v.stride(2), spb, spt, k_buf.stride(0),
-                                k_buf.stride(1), k_buf.stride(2), ssb, ssh, H=h, T=t, D=d,
+                                k_buf.stride(1), k_buf.stride(2), ssb, ssh, k_buf.shape[2], H=h, T=t, D=d,
                                 BLOCK_D=triton.next_power_of_2(d), KIND=KINDS[kind], num_warps=1)
 
 

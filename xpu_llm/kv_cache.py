@@ -1,6 +1,7 @@
-"""Compressed KV caches, swapped in from outside the model (`apply_kv_cache_dtype`), so long contexts fit on
-small cards: `int8` (one scale per token and KV head, absmax / 127) or `fp8` (e4m3, a saturating cast; `fp8_e5m2`
-for a wider range). Keys are stored after RoPE; attention reads the cache dequantized to the compute dtype.
+"""KV caches swapped in from outside the model (`apply_kv_cache_dtype`): compressed ones, so long contexts fit on
+small cards, `int8` (one scale per token and KV head, absmax / 127) or `fp8` (e4m3, a saturating cast; `fp8_e5m2`
+for a wider range), and the uncompressed `FusedKVCache`; all of them store and attend through Triton kernels on
+GPUs. Keys are stored after RoPE.
 
     python -c "import xpu_llm; print(xpu_llm.LLM(kv_cache_dtype='int8').generate('Hi')[0].text)"
 
@@ -137,7 +138,7 @@ class FusedKVCache(KVCache):
                mask: Tensor) -> Tensor:
         if not fused_attention(q, self.k_cache.shape[1]):
             return super().attend(q, k, v, input_pos, kv_len, mask)
-        self.update(input_pos, k, v, kv_len)
+        self.store(input_pos, k, v)
         end = self.k_cache.shape[2] if kv_len is None else kv_len
         return _kernel_attend(q, self.k_cache, self.v_cache, None, None, None, mask, end)
 
