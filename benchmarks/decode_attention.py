@@ -24,7 +24,7 @@ import time
 from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import machine_info, write_atomic, write_report  # noqa: E402
+from common import machine_info, sig, write_atomic, write_report  # noqa: E402
 
 KV_HEADS, HEADS, HEAD_DIM = 8, 32, 128
 
@@ -76,7 +76,7 @@ def time_row(kind: str | None, slots: int, batch: int, layers: int, kernel: bool
         best = min(best, (time.perf_counter() - t) / reps)
     us = best / layers * 1e6
     return {"kind": kind or "bf16", "slots": slots, "batch": batch, "attention": "kernel" if kernel else "sdpa",
-            "us_per_layer": round(us, 3), "gb_s": round(cache_bytes(kind, batch, slots) / (us * 1e3), 1),
+            "us_per_layer": sig(us, 5), "gb_s": sig(cache_bytes(kind, batch, slots) / (us * 1e3), 4),
             "out": outs[0].double().cpu()}
 
 

@@ -118,7 +118,26 @@ def test_decode_attention_smoke(tmp_path: Path) -> None:
     assert "| int8 | 64 | 1 |" in (tmp_path / "da.md").read_text()
 
 
-@pytest.mark.parametrize("script", ["decode.py", "ppl.py", "decode_8b.py", "decode_attention.py"])
+def test_kv_decode_smoke(smollm2_path: str, tmp_path: Path) -> None:
+    """benchmarks/kv_decode.py in-process: every cache kind decodes, natively and through the plain blocks; the
+    compressed caches take about a quarter of the float32 one's bytes."""
+    sys.path.insert(0, str(BENCH))
+    try:
+        import kv_decode
+    finally:
+        sys.path.remove(str(BENCH))
+    out = tmp_path / "kv.json"
+    assert kv_decode.main(["--prompts", "16", "--new-tokens", "3", "--repeats", "1", "--max-seq-len", "64",
+                           "--out", str(out)]) == 0
+    rows = {r["kv"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"float32", "int8", "fp8"}, list(rows)
+    for r in rows.values():
+        assert _positive(r["tok_s"]) and _positive(r["plain_tok_s"]) and _positive(r["cache_mib"]), r
+    assert rows["fp8"]["cache_mib"] * 4 == pytest.approx(rows["float32"]["cache_mib"], rel=1e-3)
+    assert "| int8 | 16 |" in (tmp_path / "kv.md").read_text()
+
+
+@pytest.mark.parametrize("script", ["decode.py", "ppl.py", "decode_8b.py", "decode_attention.py", "kv_decode.py"])
 def test_scripts_start_with_their_command(script: str) -> None:
     first = (BENCH / script).read_text().splitlines()[0]
     assert first.startswith("# python benchmarks/" + script)

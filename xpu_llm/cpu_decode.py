@@ -2,16 +2,31 @@
 block into a `FastDecodeBlock`, whose one-token step runs RMSNorm (+ the skip connection), RoPE + KV-cache write +
 attention, and the SwiGLU product as fused native ops (lowbit/kernels/cpu_decode.c) around the block's own linear
 layers. At decode sizes a CPU spends more time dispatching the ~25 small PyTorch ops of a block than computing
-them; this cuts them to 4 native calls. Everything else (prefill, verification of several positions, per-row
+them; this cuts them to 4 native calls. The KV cache may be float32 or compressed (int8 / fp8, kv_cache.py): the
+native step writes the same bytes as its PyTorch quantize and reads the codes in place, where the plain forward
+dequantizes the cache every step. Everything else (prefill, verification of several positions, per-row
 cache slots, non-float32 models, autograd) runs the plain forward, and the weights are the same objects."""
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
 
+from .kv_cache import _STORE, QuantizedKVCache
 from .lowbit.kernels import cpu_native, select_kernel
 from .lowbit.linear import LowBitLinear
 from .model import KVCache, Transformer, TransformerBlock
+
+_KINDS = {"int8": 1, "fp8_e4m3": 2, "fp8_e5m2": 3}  # cache kinds of cpu_decode.c's xl_attn_decode (0: float32)
+
+
+def _cache_tensors(cache: nn.Module) -> tuple[int, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """(kind, keys, values, key scales, value scales, fp8 byte -> value table) as xl_attn_decode reads them."""
+    if isinstance(cache, QuantizedKVCache):
+        lut = None
+        if cache.kind != "int8":
+            lut = torch.arange(256, dtype=torch.uint8).view(_STORE[cache.kind]).float()
+        return _KINDS[cache.kind], cache.k_q, cache.v_q, cache.k_scale, cache.v_scale, lut
+    return 0, cache.k_cache, cache.v_cache, None, None, None
 
 
 class _Linear:
@@ -44,12 +59,13 @@ class _Linear:
 class _Plan:
     """What a block's fast step needs, resolved once per (batch rows, KV cache) instead of per call."""
 
-    __slots__ = ("rows", "cache", "k", "v", "slots", "lin", "n1", "n2", "eps1", "eps2", "h", "hkv", "d", "hidden")
+    __slots__ = ("rows", "cache", "kind", "k", "v", "ks", "vs", "lut", "slots", "lin", "n1", "n2", "eps1", "eps2",
+                 "h", "hkv", "d", "hidden")
 
     def __init__(self, block: TransformerBlock, rows: int) -> None:
         attn, ff = block.attention, block.feed_forward
         self.rows, self.cache = rows, attn.kv_cache
-        self.k, self.v = self.cache.k_cache, self.cache.v_cache
+        self.kind, self.k, self.v, self.ks, self.vs, self.lut = _cache_tensors(self.cache)
         self.slots = self.k.shape[2]
         self.lin = [_Linear(m, rows) for m in (attn.wqkv, attn.wo, ff.w13, ff.w2)]
         self.n1, self.n2 = block.attention_norm.weight, block.ffn_norm.weight
@@ -58,7 +74,8 @@ class _Plan:
 
     def valid(self, block: TransformerBlock, rows: int) -> bool:
         attn = block._modules["attention"]
-        return (rows == self.rows and attn._modules["kv_cache"] is self.cache and self.cache.k_cache is self.k
+        keys = self.cache.k_q if self.kind else self.cache.k_cache
+        return (rows == self.rows and attn._modules["kv_cache"] is self.cache and keys is self.k
                 and all(lin.valid() for lin in self.lin)
                 and block._modules["attention_norm"]._parameters["weight"] is self.n1
                 and block._modules["ffn_norm"]._parameters["weight"] is self.n2)
@@ -86,8 +103,9 @@ class FastDecodeBlock(TransformerBlock):
         kv = plan.slots if kv_len is None else kv_len
         y = torch.empty(b, h * d)
         scores = torch.empty(b * h * kv)
+        ptr = [None if t is None else t.data_ptr() for t in (plan.ks, plan.vs, plan.lut)]
         lib.xl_attn_decode(qkv.data_ptr(), b, h, plan.hkv, d, cos.data_ptr(), sin.data_ptr(), cos.shape[0],
-                           plan.k.data_ptr(), plan.v.data_ptr(), plan.slots, int(input_pos), kv,
+                           plan.k.data_ptr(), plan.v.data_ptr(), *ptr, plan.kind, plan.slots, int(input_pos), kv,
                            mask.data_ptr(), mask.shape[0], y.data_ptr(), scores.data_ptr())
         hres = wo(y).contiguous()  # becomes h = x + attention(x) in the next call
         hn = torch.empty_like(x2)
@@ -99,12 +117,16 @@ class FastDecodeBlock(TransformerBlock):
 
     def _fast(self, x: Tensor, cos: Tensor, mask: Tensor, input_pos: Tensor) -> bool:
         """Whether this call is a plain one-token float32 CPU step with no autograd (else the reference path); the
-        cache a float one (KVCache, or kv_cache.FusedKVCache: the same buffers, SDPA on CPUs)."""
+        cache a float32 one (KVCache, or kv_cache.FusedKVCache: the same buffers, SDPA on CPUs) or an int8 / fp8
+        one of a float32 model."""
         attn = self._modules["attention"]
         cache = attn._modules.get("kv_cache")
-        return (x.shape[1] == 1 and x.dtype == torch.float32 and x.device.type == "cpu"
-                and not torch.is_grad_enabled() and input_pos.dim() == 1 and isinstance(cache, KVCache)
-                and cache.k_cache.dtype == torch.float32 and cache.k_cache.is_contiguous()
+        if isinstance(cache, KVCache):
+            ok = cache.k_cache.dtype == torch.float32 and cache.k_cache.is_contiguous()
+        else:
+            ok = isinstance(cache, QuantizedKVCache) and cache.dtype == torch.float32 and cache.k_q.is_contiguous()
+        return (ok and x.shape[1] == 1 and x.dtype == torch.float32 and x.device.type == "cpu"
+                and not torch.is_grad_enabled() and input_pos.dim() == 1
                 and attn.head_dim <= 512 and self._modules["attention_norm"].weight.dtype == torch.float32
                 and mask.dtype == torch.bool and mask.is_contiguous() and cos.is_contiguous()
                 and cos.dtype == torch.float32)

@@ -10,9 +10,10 @@ calibration data and cannot overflow; fp8 values beyond the format's range are c
 
 How a step attends (`attend`): on GPUs, a decode step or a short verification (at most 64 query rows per KV head)
 runs one Triton flash-decoding kernel over the cache as stored (attention_kernels.py), compressed or not, so a
-compressed cache is read once at its own size. Elsewhere (CPUs, prefill, no Triton, XPU_LLM_FUSED_ATTENTION=0)
-the cache is dequantized one layer at a time into a transient buffer for PyTorch's SDPA: memory is then the
-compressed cache plus one layer's float copy. `apply_kv_cache_dtype` installs these caches (uncompressed too:
+compressed cache is read once at its own size; CPU decode steps of float32 models do the same in the native step
+(cpu_decode.py). Elsewhere (prefill, no Triton or native library, XPU_LLM_FUSED_ATTENTION=0) the cache is
+dequantized one layer at a time into a transient buffer for PyTorch's SDPA: memory is then the compressed cache
+plus one layer's float copy. `apply_kv_cache_dtype` installs these caches (uncompressed too:
 `FusedKVCache`), which is how `LLM` builds its model."""
 from __future__ import annotations
 

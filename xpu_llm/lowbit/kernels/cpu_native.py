@@ -102,8 +102,8 @@ def library() -> ctypes.CDLL | None:
         "xl_lowbit_mm_q8": ([ctypes.c_int, ptr, i64, i64, ptr, ptr, ptr, i64, i64, ptr, ptr], ctypes.c_int),
         "xl_rmsnorm": ([ptr, ptr, ptr, ptr, i64, i64, f32], None),
         "xl_silu_mul": ([ptr, ptr, i64, i64], None),
-        "xl_attn_decode": ([ptr, i64, i64, i64, i64, ptr, ptr, i64, ptr, ptr, i64, i64, i64, ptr, i64, ptr, ptr],
-                           None),
+        "xl_attn_decode": ([ptr, i64, i64, i64, i64, ptr, ptr, i64, ptr, ptr, ptr, ptr, ptr, ctypes.c_int, i64, i64,
+                            i64, ptr, i64, ptr, ptr], None),
     }
     for name, (args, res) in signatures.items():
         fn = getattr(lib, name)
