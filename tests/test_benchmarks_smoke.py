@@ -27,6 +27,16 @@ def _run(script: str, *args: str) -> subprocess.CompletedProcess:
     return p
 
 
+def _bench_module(name: str):
+    """A benchmark script imported as a module, to run its main in-process (sparing an interpreter + torch start)."""
+    import importlib
+    sys.path.insert(0, str(BENCH))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCH))
+
+
 def _positive(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
@@ -49,11 +59,7 @@ def test_decode_smoke(smollm2_path: str, tmp_path: Path) -> None:
 
 def test_ppl_smoke(smollm2_path: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     # In-process (the script's main) to spare two interpreter + torch start-ups.
-    sys.path.insert(0, str(BENCH))
-    try:
-        import ppl
-    finally:
-        sys.path.remove(str(BENCH))
+    ppl = _bench_module("ppl")
     text = tmp_path / "small.txt"
     text.write_bytes((TEXT * 3).encode())
     out = tmp_path / "ppl.json"
@@ -102,11 +108,7 @@ def test_decode_8b_smoke(tmp_path: Path) -> None:
 
 def test_decode_attention_smoke(tmp_path: Path) -> None:
     """benchmarks/decode_attention.py in-process on the CPU (no kernel there: both columns are SDPA, equal)."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        import decode_attention
-    finally:
-        sys.path.remove(str(BENCH))
+    decode_attention = _bench_module("decode_attention")
     out = tmp_path / "da.json"
     assert decode_attention.main(["--device", "cpu", "--slots", "64", "--batches", "1", "--kinds", "bf16,int8",
                                   "--layers", "2", "--reps", "1", "--rounds", "1", "--out", str(out)]) == 0
@@ -121,11 +123,7 @@ def test_decode_attention_smoke(tmp_path: Path) -> None:
 def test_kv_decode_smoke(smollm2_path: str, tmp_path: Path) -> None:
     """benchmarks/kv_decode.py in-process: every cache kind decodes, natively and through the plain blocks; the
     compressed caches take about a quarter of the float32 one's bytes."""
-    sys.path.insert(0, str(BENCH))
-    try:
-        import kv_decode
-    finally:
-        sys.path.remove(str(BENCH))
+    kv_decode = _bench_module("kv_decode")
     out = tmp_path / "kv.json"
     assert kv_decode.main(["--prompts", "16", "--new-tokens", "3", "--repeats", "1", "--max-seq-len", "64",
                            "--out", str(out)]) == 0
