@@ -22,10 +22,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .kv_cache import KIND_CODES
 from .lowbit.kernels.triton_common import _f16_bits, cast
 
-FLOAT, INT8, FP8_E4M3, FP8_E5M2 = 0, 1, 2, 3
-KINDS = {None: FLOAT, "int8": INT8, "fp8_e4m3": FP8_E4M3, "fp8_e5m2": FP8_E5M2}
+KINDS = KIND_CODES  # cache kind -> KIND in the kernels: 0 float, 1 int8, 2 fp8 e4m3, 3 fp8 e5m2
+INT8, FP8_E4M3 = KINDS["int8"], KINDS["fp8_e4m3"]
 MAX_ROWS = 64  # query rows (heads per KV head x positions) one program holds
 BLOCK_N = 64  # cache slots per tile
 TARGET_PROGRAMS = 512  # split the slots until about this many programs run (a batch-1 step has only KV-head many)

@@ -11,13 +11,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from .kv_cache import _STORE, QuantizedKVCache
+from .kv_cache import _STORE, KIND_CODES, QuantizedKVCache
 from .lowbit.kernels import cpu_native, select_kernel
 from .lowbit.linear import LowBitLinear
 from .model import KVCache, Transformer, TransformerBlock
-
-_KINDS = {"int8": 1, "fp8_e4m3": 2, "fp8_e5m2": 3}  # cache kinds of cpu_decode.c's xl_attn_decode (0: float32)
-
 
 def _cache_tensors(cache: nn.Module) -> tuple[int, Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
     """(kind, keys, values, key scales, value scales, fp8 byte -> value table) as xl_attn_decode reads them."""
@@ -25,7 +22,7 @@ def _cache_tensors(cache: nn.Module) -> tuple[int, Tensor, Tensor, Tensor | None
         lut = None
         if cache.kind != "int8":
             lut = torch.arange(256, dtype=torch.uint8).view(_STORE[cache.kind]).float()
-        return _KINDS[cache.kind], cache.k_q, cache.v_q, cache.k_scale, cache.v_scale, lut
+        return KIND_CODES[cache.kind], cache.k_q, cache.v_q, cache.k_scale, cache.v_scale, lut
     return 0, cache.k_cache, cache.v_cache, None, None, None
 
 

@@ -33,6 +33,8 @@ log = logging.getLogger(__name__)
 _STORE = {"int8": torch.int8, "fp8_e4m3": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
 ALIASES = {"fp8": "fp8_e4m3", "int8": "int8", "fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2"}
 KV_CACHE_DTYPES = tuple(ALIASES)
+# Cache kind -> the code the attention kernels (attention_kernels.py) and the native CPU step (cpu_decode.c) take.
+KIND_CODES = {None: 0, "int8": 1, "fp8_e4m3": 2, "fp8_e5m2": 3}
 
 
 def check_kv_cache_dtype(name: str | None) -> str | None:
@@ -187,7 +189,7 @@ def _kernel_attend(q: Tensor, k_buf: Tensor, v_buf: Tensor, k_scale: Tensor | No
                    kind: str | None, mask: Tensor, kv_len: int) -> Tensor:
     kernels = _kernels()
     if torch.compiler.is_compiling():  # an opaque op to the compiler, as the low-bit matmuls are
-        return kernels.decode_attention_op(q, k_buf, v_buf, k_scale, v_scale, kernels.KINDS[kind], mask, kv_len)
+        return kernels.decode_attention_op(q, k_buf, v_buf, k_scale, v_scale, KIND_CODES[kind], mask, kv_len)
     return kernels.decode_attention(q, k_buf, v_buf, k_scale, v_scale, kind, mask, kv_len,
                                     soft_bf16=is_cpu(q.device))
 
